@@ -33,7 +33,7 @@ def is_embedded(name_or_path: str) -> bool:
 
 
 def _embedded_key(name_or_path: str) -> str:
-    key = name_or_path[len(EMBEDDED_PREFIX):]
+    key = name_or_path[len(EMBEDDED_PREFIX) :]
     if key not in EMBEDDED_MODELS:
         raise ValueError(
             f"model {name_or_path!r}: unknown embedded model {key!r}; known: "
@@ -92,9 +92,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return tokenizer
 
 
-def load_base_model(
-    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
-) -> PreTrainedModel:
+def load_base_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
     """Load a causal LM by hub name, local folder or ``embedded:<key>``.
 
     Args:

@@ -1,0 +1,184 @@
+"""Putting ``MoSLDLinear`` layers into a stock ``transformers`` causal LM, and model-level helpers."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .layer import MoSLDLinear, RouterStats, _base_shape, is_adapter_parameter
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def num_decoder_layers(model: nn.Module) -> int:
+    """Decoder layer count from the model's config (``num_hidden_layers``; GPT-2's ``n_layer``)."""
+    config = getattr(model, "config", None)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if config is not None and isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise ValueError("cannot tell the number of decoder layers: the model's config has no num_hidden_layers")
+
+
+def _matches(name: str, target: str) -> bool:
+    return name.endswith("." + target) or name == target if "." in target else name.rsplit(".", 1)[-1] == target
+
+
+def find_target_modules(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Modules whose name matches a target (last name component, or a dotted suffix)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoSLDLinear) or ".base_layer" in name:
+            continue
+        if any(_matches(name, t) for t in target_modules):
+            found[name] = module
+    return found
+
+
+def layer_index(module_name: str) -> int:
+    """Decoder layer of a module, from the first number in its dotted name (``model.layers.3.…`` -> 3)."""
+    match = _LAYER_INDEX.search("." + module_name + ".")
+    if match is None:
+        raise ValueError(f"module {module_name!r} is not inside a numbered decoder layer; cannot assign experts")
+    return int(match.group(1))
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Wrap every target projection of ``model`` in a ``MoSLDLinear``, in place, and freeze the base.
+
+    Args:
+        model: A ``transformers`` causal LM (Llama, Qwen2, Mistral, GPT-2, ...), possibly on the
+            meta device (to count parameters without weights).
+        config: What to inject.
+
+    Returns:
+        The same model; only adapter and router tensors have ``requires_grad``.
+
+    Raises:
+        ValueError: a target module matches nothing, is not a Linear/Conv1D, or the expert list
+            does not fit the model's layer count.
+    """
+    if any(isinstance(m, MoSLDLinear) for m in model.modules()):
+        raise ValueError("model already has adapters; load a fresh base model to inject again")
+    targets = find_target_modules(model, config.target_modules)
+    for t in config.target_modules:
+        if not any(_matches(name, t) for name in targets):
+            raise ValueError(
+                f"target_modules: {t!r} matches no module of this {type(model).__name__}; "
+                f"linear layers it has: {sorted(_linear_leaf_names(model))}"
+            )
+    experts = config.experts_per_layer(num_decoder_layers(model))
+    dtype = _DTYPES[config.adapter_dtype]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, base in targets.items():
+        try:
+            _base_shape(base)
+        except TypeError as err:
+            raise ValueError(f"target_modules: {name} {err}") from None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = MoSLDLinear(
+            base,
+            r=config.r,
+            alpha=config.alpha,
+            num_experts=experts[layer_index(name)],
+            top_k=config.top_k,
+            share=config.share,
+            shared_dropout=config.shared_dropout,
+            lora_dropout=config.lora_dropout,
+            dtype=dtype,
+        )
+        layer.train(base.training)  # a new module starts in training mode; follow the model's
+        setattr(parent, child, layer)
+    model.adapter_config = config
+    return model
+
+
+def _linear_leaf_names(model: nn.Module) -> set[str]:
+    return {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    }
+
+
+def adapter_layers(model: nn.Module) -> dict[str, MoSLDLinear]:
+    """All ``MoSLDLinear`` layers of a model by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MoSLDLinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the adapter and router tensors, under their full names in ``model``."""
+    return {k: v for k, v in model.state_dict().items() if is_adapter_parameter(k)}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors (tied embeddings) count once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def set_aux_loss(model: nn.Module, enabled: bool) -> None:
+    """Make every routed layer compute its load-balancing loss in training forwards."""
+    for layer in adapter_layers(model).values():
+        layer.compute_aux_loss = enabled
+
+
+def aux_loss(model: nn.Module) -> Tensor | None:
+    """Mean load-balancing loss over the routed layers of the last training forward (or None)."""
+    losses = [m.aux_loss for m in adapter_layers(model).values() if m.aux_loss is not None]
+    if not losses:
+        return None
+    return torch.stack(losses).mean()
+
+
+def set_router_stats(model: nn.Module, enabled: bool) -> None:
+    """Switch the collection of detached routing statistics on or off (off: nothing on the hot path)."""
+    for layer in adapter_layers(model).values():
+        layer.collect_router_stats = enabled
+        if not enabled:
+            layer.router_stats = None
+
+
+def router_stats(model: nn.Module, reset: bool = True) -> dict[str, dict[str, Tensor]]:
+    """Per routed layer: ``mean_prob`` (N,), ``load`` (N,) fraction of tokens whose top-k holds
+    each expert, ``entropy`` mean routing entropy (nats), ``tokens`` seen since the last reset."""
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        stats: RouterStats | None = layer.router_stats
+        if stats is not None:
+            out[name] = stats.summary()
+            if reset:
+                layer.router_stats = None
+    return out
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Merge every (one-expert) adapter into its base weight; routed mixtures raise RuntimeError."""
+    layers = adapter_layers(model)
+    routed = [n for n, m in layers.items() if m.lora_router is not None]
+    if routed:
+        raise RuntimeError(
+            f"cannot merge {len(routed)} routed mixture layer(s) (e.g. {routed[0]}): the expert gates depend on "
+            "each token's input, so no fixed weight is equivalent; only method 'lora' (one expert) can be merged"
+        )
+    for layer in layers.values():
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo ``merge_adapters``: every base weight is restored exactly."""
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+    return model
