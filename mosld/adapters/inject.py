@@ -106,9 +106,23 @@ def _linear_leaf_names(model: nn.Module) -> set[str]:
     }
 
 
+# Wrappers that FSDP, activation checkpointing and torch.compile put into module names.
+_WRAPPER_NAMES = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
+
+
+def clean_name(name: str) -> str:
+    """A module or parameter name as in the unwrapped model (no FSDP/compile wrapper components)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+
+
 def adapter_layers(model: nn.Module) -> dict[str, MoSLDLinear]:
-    """All ``MoSLDLinear`` layers of a model by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, MoSLDLinear)}
+    """All ``MoSLDLinear`` layers of a model by module name (wrapper components removed)."""
+    return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, MoSLDLinear)}
+
+
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the adapter and router tensors, without calling ``state_dict`` (no collectives)."""
+    return [clean_name(n) for n, _ in model.named_parameters() if is_adapter_parameter(n)]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .inject import adapter_layers, adapter_state_dict, inject_adapters, num_decoder_layers
+from .inject import adapter_layers, adapter_parameter_names, adapter_state_dict, inject_adapters, num_decoder_layers
 
 FORMAT = "mosld-adapter"
 FORMAT_VERSION = 1
@@ -34,8 +34,14 @@ def base_model_signature(model: nn.Module) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, path: str | Path) -> Path:
+def save_adapter(model: nn.Module, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
     """Write the adapter of ``model`` into the folder ``path`` (created if needed).
+
+    Args:
+        model: A model with injected adapters.
+        path: Output folder.
+        state_dict: The adapter tensors to write, by the same names as ``adapter_state_dict(model)``
+            (for strategies such as FSDP that gather full tensors separately); default: the model's.
 
     Returns:
         The folder written.
@@ -48,7 +54,15 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     config: AdapterConfig = model.adapter_config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    if state_dict is None:
+        state_dict = adapter_state_dict(model)
+    expected = adapter_parameter_names(model)
+    if set(state_dict) != set(expected):
+        raise ValueError(
+            f"save_adapter: state_dict names differ from the model's adapters "
+            f"(e.g. {sorted(set(state_dict) ^ set(expected))[:3]})"
+        )
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,

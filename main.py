@@ -1,0 +1,6 @@
+"""Train, validate, test or predict with MoSLD adapters: ``python main.py fit --config configs/mosld.yaml``."""
+
+from mosld.training.cli import main
+
+if __name__ == "__main__":
+    main()

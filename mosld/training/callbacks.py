@@ -1,0 +1,237 @@
+"""Callbacks: router statistics, parameter counts, step time in the progress bar, adapter export,
+an end-of-run summary, and the prediction writer."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from ..adapters import router_stats, save_adapter, set_router_stats
+from ..adapters.inject import clean_name
+from ..adapters.layer import is_adapter_parameter
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run's log folder (``lightning_logs/version_N``), or the trainer's root dir without a logger.
+
+    A collective under DDP (``trainer.log_dir`` broadcasts rank 0's folder): call it on every rank.
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def short_layer_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``L03.q_proj``."""
+    parts = name.split(".")
+    index = next((p for p in parts if p.isdigit()), None)
+    return f"L{int(index):02d}.{parts[-1]}" if index is not None else name
+
+
+class RouterStatsCallback(L.Callback):
+    """Logs routing entropy and expert load to TensorBoard.
+
+    Statistics are collected only on the logged training steps and over each validation epoch,
+    so the training hot path pays nothing otherwise. Scalars: ``router/entropy`` (mean over
+    layers), ``router/entropy/<layer>``, ``router/load/<layer>/e<i>`` (fraction of tokens whose
+    top-k holds expert i; sums to top_k) and ``router/load_max/<layer>``; images: a layer x
+    expert heat-map of the load. Validation statistics go under ``val_router/``.
+
+    Args:
+        every_n_steps: Collect and log training statistics on every n-th optimizer step.
+        per_expert_scalars: Also log each expert's load as its own scalar.
+        heatmap: Log the layer x expert load as an image.
+    """
+
+    def __init__(self, every_n_steps: int = 50, per_expert_scalars: bool = True, heatmap: bool = True) -> None:
+        self.every_n_steps = every_n_steps
+        self.per_expert_scalars = per_expert_scalars
+        self.heatmap = heatmap
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.global_step + 1) % self.every_n_steps == 0 or trainer.global_step == 0:
+            set_router_stats(pl_module.base, True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = router_stats(pl_module.base)
+        if stats:
+            set_router_stats(pl_module.base, False)
+            self._log(trainer, pl_module, stats, "router")
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        set_router_stats(pl_module.base, True)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        stats = router_stats(pl_module.base)
+        set_router_stats(pl_module.base, False)
+        if stats:
+            self._log(trainer, pl_module, stats, "val_router")
+
+    def _log(self, trainer, pl_module, stats: dict, prefix: str) -> None:
+        strategy = trainer.strategy
+        metrics: dict[str, float] = {}
+        rows = []
+        entropies = []
+        for name, s in stats.items():
+            layer = short_layer_name(name)
+            # Ranks see different tokens: average their per-layer means.
+            load = strategy.reduce(s["load"], reduce_op="mean")
+            entropy = strategy.reduce(s["entropy"], reduce_op="mean")
+            entropies.append(float(entropy))
+            metrics[f"{prefix}/entropy/{layer}"] = float(entropy)
+            metrics[f"{prefix}/load_max/{layer}"] = float(load.max())
+            if self.per_expert_scalars:
+                for i, value in enumerate(load.tolist()):
+                    metrics[f"{prefix}/load/{layer}/e{i}"] = value
+            rows.append(load.float().cpu())
+        metrics[f"{prefix}/entropy"] = sum(entropies) / len(entropies)
+        for logger in pl_module.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.heatmap:
+            self._log_heatmap(trainer, rows, prefix)
+
+    @rank_zero_only
+    def _log_heatmap(self, trainer, rows: list[torch.Tensor], prefix: str) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        width = max(len(r) for r in rows)
+        grid = torch.full((len(rows), width), float("nan"))
+        for i, r in enumerate(rows):
+            grid[i, : len(r)] = r
+        experiment.add_image(f"{prefix}/load_heatmap", load_heatmap_image(grid), trainer.global_step, dataformats="HWC")
+        experiment.add_histogram(f"{prefix}/load", torch.cat(rows), trainer.global_step)
+
+
+def load_heatmap_image(grid: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """Layer x expert loads -> an RGB image (H, W, 3) in [0, 1]; dark = idle, yellow = busy, grey = no expert."""
+    finite = torch.nan_to_num(grid, nan=0.0)
+    scaled = finite / finite.max().clamp_min(1e-9)
+    # a small dark-blue -> red -> yellow ramp, no plotting library needed
+    red = scaled.clamp(0, 0.5) * 2
+    green = (scaled - 0.5).clamp(0, 0.5) * 2
+    blue = 0.4 * (1 - scaled)
+    image = torch.stack([red, green, blue], dim=-1)
+    image[grid.isnan()] = 0.5
+    return image.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+
+
+class ParameterCountCallback(L.Callback):
+    """Logs and prints trainable vs total parameters when fitting starts."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainable, total = pl_module.parameter_counts()
+        rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+        for logger in pl_module.loggers:
+            logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+
+
+class StepTimeProgressBar(TQDMProgressBar):
+    """The usual progress bar plus the mean wall time of the last training steps (``step_ms``)."""
+
+    def __init__(self, refresh_rate: int = 1, window: int = 20) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.window = window
+        self._times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self._times = (self._times + [now - self._last])[-self.window :]
+        self._last = now
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last = None  # validation time is not step time
+        super().on_validation_start(trainer, pl_module)
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        if self._times:
+            metrics["step_ms"] = f"{1000 * sum(self._times) / len(self._times):.0f}"
+        return metrics
+
+
+class AdapterExport(L.Callback):
+    """At the end of ``fit``, writes the trained adapter to ``<run dir>/adapter`` (rank 0 only).
+
+    Under FSDP the full adapter tensors are gathered first (a collective, so every rank calls it).
+    """
+
+    def __init__(self, dirname: str = "adapter") -> None:
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        state = trainer.strategy.lightning_module_state_dict()
+        folder = run_dir(trainer) / self.dirname
+        if trainer.is_global_zero:
+            # keys of the LightningModule: "model." + the HF model's names (+ wrapper components)
+            adapter = {clean_name(k).removeprefix("model."): v for k, v in state.items() if is_adapter_parameter(k)}
+            path = save_adapter(pl_module.base, folder, state_dict=adapter)
+            rank_zero_info(f"adapter exported to {path}")
+        trainer.strategy.barrier("adapter_export")
+
+
+class EvalSummary(L.Callback):
+    """Prints each validation's headline figures and writes them all to ``<run dir>/eval_metrics.json``,
+    so a run's before/after comparison is one file (rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "val", run_dir(trainer))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "test", run_dir(trainer))
+
+    @rank_zero_only
+    def _record(self, trainer, pl_module, stage: str, out: Path) -> None:
+        metrics = getattr(pl_module, "last_eval_metrics", None)
+        if not metrics:
+            return
+        when = "before training" if trainer.sanity_checking else f"step {trainer.global_step}"
+        self.history.append({"stage": stage, "step": trainer.global_step, "when": when, **metrics})
+        tasks = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2})
+        lines = [
+            f"{stage} ({when}): acc_avg {metrics[f'{stage}/acc_avg']:.3f} ± {metrics[f'{stage}/acc_avg_ci95']:.3f}, "
+            f"answer_loss {metrics[f'{stage}/answer_loss']:.4f}"
+        ]
+        for t in tasks:
+            lines.append(
+                f"  {t:>16}: acc {metrics[f'{stage}/{t}/acc']:.3f} ± {metrics[f'{stage}/{t}/acc_ci95']:.3f} "
+                f"(n={int(metrics[f'{stage}/{t}/items'])}), answer_loss {metrics[f'{stage}/{t}/answer_loss']:.4f}"
+            )
+        rank_zero_info("\n".join(lines))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_metrics.json").write_text(json.dumps(self.history, indent=2) + "\n")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict`` results as JSONL: one line per question with the predicted choice and
+    every choice's scores (sum log-likelihood and length-normalised)."""
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        folder = run_dir(trainer)
+        path = Path(self.output) if self.output else folder / "predictions.jsonl"
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [
+            row
+            for batch in (predictions[0] if predictions and isinstance(predictions[0], list) else predictions)
+            for row in batch
+        ]
+        with path.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        rank_zero_info(f"{len(rows)} predictions written to {path}")

@@ -1,0 +1,239 @@
+"""The LightningModule: a base causal LM with MoSLD adapters, trained on the answer tokens.
+
+It knows nothing of files or task formats: it receives batches from the data module
+(``mosld.data``) and scores evaluation batches with ``mosld.evaluation.score_batch``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..adapters import AdapterConfig, adapter_layers, aux_loss, count_parameters, inject_adapters, set_aux_loss
+from ..adapters.inject import clean_name
+from ..adapters.layer import is_adapter_parameter
+from ..models import load_base_model
+
+# Per-task sums accumulated over an evaluation epoch, reduced across ranks at its end.
+_SUMS = ("items", "correct", "correct_sum", "correct_norm", "gold_loss_sum", "gold_tokens")
+
+
+class MoSLDModule(L.LightningModule):
+    """Fine-tune a causal LM with mixture-of-LoRA adapters on multiple-choice tasks.
+
+    Args:
+        model_name_or_path: Base model: hub id, local folder, or ``embedded:smollm2-135m``.
+        adapter: The adapters to inject (method, r, alpha, experts, ...); default MoSLD.
+        dtype: Dtype of the frozen base weights (``float32``, ``bfloat16``, ...). Mixed
+            precision is the trainer's ``precision`` option.
+        learning_rate: Peak learning rate of AdamW (paper: 3e-4).
+        weight_decay: AdamW weight decay.
+        warmup: Warm-up length: a fraction of the total optimizer steps if < 1, else a step count.
+        lr_schedule: Shape after warm-up: ``cosine`` or ``linear`` decay to 0, or ``constant``.
+        compile: Run the model under ``torch.compile``.
+        trust_remote_code: Passed to ``from_pretrained``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "embedded:smollm2-135m",
+        adapter: AdapterConfig | None = None,
+        dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup: float = 0.06,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        compile: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(adapter, dict):  # hparams of a checkpoint
+            adapter = AdapterConfig.from_dict(adapter)
+        # None: the method defaults of AdapterConfig (MoSLD). Fields left out of a config take
+        # the defaults of the method given, so `--model.adapter.method lora` alone is LoRA.
+        self.adapter_config = adapter if adapter is not None else AdapterConfig()
+        self.save_hyperparameters(ignore=["adapter"])
+        self.hparams["adapter"] = self.adapter_config.to_dict()
+        self.model: torch.nn.Module | None = None
+        # Checkpoints hold only adapter tensors, so the frozen base keys are absent on load.
+        self.strict_loading = False
+        self._sums: dict[str, Tensor] = {}
+
+    def configure_model(self) -> None:
+        """Load the base and inject adapters; runs once, inside the strategy's context (FSDP)."""
+        if self.model is not None:
+            return
+        model = load_base_model(
+            self.hparams.model_name_or_path, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code
+        )
+        model.config.use_cache = False
+        # from_pretrained returns eval mode and Lightning keeps module modes as it finds them:
+        # without this, DropConnect and LoRA dropout would never be active in training.
+        model.train()
+        inject_adapters(model, self.adapter_config)
+        set_aux_loss(model, self.adapter_config.aux_loss_coef > 0)
+        self.model = torch.compile(model) if self.hparams.compile else model
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The adapted HF model (unwrapped from ``torch.compile``)."""
+        return getattr(self.model, "_orig_mod", self.model)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        return count_parameters(self.base)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        lm_loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        loss = lm_loss
+        balance = aux_loss(self.base) if self.adapter_config.aux_loss_coef > 0 else None
+        if balance is not None:
+            loss = loss + self.adapter_config.aux_loss_coef * balance
+            self.log("train/aux_loss", balance.detach(), on_step=True, on_epoch=False)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", lm_loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log(
+            "train/answer_tokens",
+            (batch["labels"] != -100).sum().float(),
+            on_step=True,
+            on_epoch=False,
+            reduce_fx="sum",
+            batch_size=batch_size,
+        )
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for n, p in self.named_parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: were the adapters injected?")
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup
+        warmup_steps = int(round(warmup * total)) if warmup < 1 else int(warmup)
+        schedule = self.hparams.lr_schedule
+
+        def factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / (warmup_steps + 1)
+            if schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _task_names(self) -> list[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "task_names", None)
+        if not names:
+            raise RuntimeError("the data module must provide task_names (one per evaluation dataloader)")
+        return list(names)
+
+    def _reset_sums(self) -> None:
+        n = len(self._task_names())
+        self._sums = {k: torch.zeros(n, dtype=torch.float64, device=self.device) for k in _SUMS}
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_sums()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_sums()
+
+    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        from ..evaluation import score_batch
+
+        scores = score_batch(self.model, batch)
+        sums = self._sums
+        sums["items"][dataloader_idx] += scores["correct"].numel()
+        for key in ("correct", "correct_sum", "correct_norm", "gold_loss_sum", "gold_tokens"):
+            sums[key][dataloader_idx] += scores[key].sum().double()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def eval_metrics(self, stage: str) -> dict[str, float]:
+        """Per-task accuracy (headline, sum and length-normalised scoring), its 95% interval and
+        the answer-token loss, reduced over all ranks; keys are identical on every rank."""
+        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._sums.items()}
+        metrics: dict[str, float] = {}
+        accs, losses = [], []
+        for i, task in enumerate(self._task_names()):
+            n = float(sums["items"][i])
+            if n == 0:
+                raise RuntimeError(f"{stage}: task {task!r} has no evaluation items")
+            acc = float(sums["correct"][i]) / n
+            metrics[f"{stage}/{task}/acc"] = acc
+            metrics[f"{stage}/{task}/acc_ci95"] = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
+            metrics[f"{stage}/{task}/acc_sum"] = float(sums["correct_sum"][i]) / n
+            metrics[f"{stage}/{task}/acc_norm"] = float(sums["correct_norm"][i]) / n
+            metrics[f"{stage}/{task}/items"] = n
+            loss = float(sums["gold_loss_sum"][i]) / max(float(sums["gold_tokens"][i]), 1.0)
+            metrics[f"{stage}/{task}/answer_loss"] = loss
+            accs.append(acc)
+            losses.append(loss)
+        metrics[f"{stage}/acc_avg"] = sum(accs) / len(accs)
+        # Interval of the macro average: tasks are independent samples.
+        metrics[f"{stage}/acc_avg_ci95"] = math.sqrt(
+            sum(metrics[f"{stage}/{t}/acc_ci95"] ** 2 for t in self._task_names())
+        ) / len(accs)
+        metrics[f"{stage}/answer_loss"] = float(sums["gold_loss_sum"].sum()) / max(
+            float(sums["gold_tokens"].sum()), 1.0
+        )
+        return metrics
+
+    def _log_eval(self, stage: str) -> None:
+        metrics = self.eval_metrics(stage)
+        self.last_eval_metrics = metrics
+        if self.trainer.sanity_checking:
+            # Lightning drops self.log during the sanity check; the full pre-training validation
+            # (num_sanity_val_steps=-1) is the "before" point, so it goes to the loggers at step 0.
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+            return
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key.endswith("acc_avg"), sync_dist=False, rank_zero_only=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
+        from ..evaluation import score_batch
+
+        return {"batch": batch, "scores": score_batch(self.model, batch, return_choice_scores=True)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only adapter and router tensors: the frozen base is reloaded from its source."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_parameter(k)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        if "state_dict" not in checkpoint:  # FSDP loads the weights itself, before this hook
+            return
+        expected = {clean_name(k) for k in self.state_dict() if is_adapter_parameter(k)}
+        got = {clean_name(k) for k in checkpoint["state_dict"]}
+        if expected != got:
+            missing, unexpected = sorted(expected - got)[:3], sorted(got - expected)[:3]
+            raise ValueError(
+                f"checkpoint does not match this model's adapters (method {self.adapter_config.method!r}): "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+
+    def adapter_layer_names(self) -> list[str]:
+        return list(adapter_layers(self.base))
