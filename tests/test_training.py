@@ -38,8 +38,6 @@ def tiny_run_args(model_dir: str, root: Path, *extra: str) -> list[str]:
         "32-true",
         "--trainer.default_root_dir",
         str(root),
-        "--trainer.enable_progress_bar",
-        "false",
         *extra,
     ]
 

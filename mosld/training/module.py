@@ -109,6 +109,13 @@ class MoSLDModule(L.LightningModule):
         )
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Lightning validates at epoch ends and on should_stop, not when max_steps ends a run
+        # mid-epoch; asking to stop makes every run end with a validation (the "after" point).
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and max_steps > 0 and self.global_step >= max_steps:
+            self.trainer.should_stop = True
+
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad]
         if not params:
@@ -196,14 +203,14 @@ class MoSLDModule(L.LightningModule):
     def _log_eval(self, stage: str) -> None:
         metrics = self.eval_metrics(stage)
         self.last_eval_metrics = metrics
-        if self.trainer.sanity_checking:
-            # Lightning drops self.log during the sanity check; the full pre-training validation
-            # (num_sanity_val_steps=-1) is the "before" point, so it goes to the loggers at step 0.
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.global_step)
-            return
-        for key, value in metrics.items():
-            self.log(key, value, prog_bar=key.endswith("acc_avg"), sync_dist=False, rank_zero_only=False)
+        # Written to the loggers at the optimizer step reached (Lightning's own step counter lags
+        # by one when validation runs from on_train_batch_end). The sanity check runs a full
+        # validation before training (num_sanity_val_steps=-1): the "before" point, at step 0.
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        if not self.trainer.sanity_checking:  # Lightning drops self.log there
+            for key, value in metrics.items():  # for checkpoint monitors and the progress bar
+                self.log(key, value, prog_bar=key.endswith("acc_avg"), logger=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
