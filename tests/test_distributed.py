@@ -13,6 +13,9 @@ import torch
 from conftest import REPO
 
 SCRIPT = REPO / "tests" / "distributed_run.py"
+# The FSDP test runs on 2 CPU processes (gloo) by default; MOSLD_TEST_ACCELERATOR=gpu runs it on
+# the GPUs of the machine instead (NCCL), as the GPU check in bench/gpu_checks.sh does.
+ACCELERATOR = os.environ.get("MOSLD_TEST_ACCELERATOR", "cpu")
 
 
 def write_task(folder: Path, offset: int) -> str:
@@ -27,12 +30,14 @@ def write_task(folder: Path, offset: int) -> str:
     return str(folder)
 
 
-def run(tmp: Path, name: str, devices: int, model_dir: str, tasks: list[str], *extra: str) -> list[dict]:
+def run(
+    tmp: Path, name: str, devices: int, model_dir: str, tasks: list[str], *extra: str, accelerator: str = "cpu"
+) -> list[dict]:
     out = tmp / name
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(SCRIPT), "--model", model_dir, "--tasks", *tasks, "--devices", str(devices),
-           "--out", str(out), *extra]  # fmt: skip
+           "--accelerator", accelerator, "--out", str(out), *extra]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
@@ -75,11 +80,16 @@ def test_fsdp_on_two_cpu_processes_resumes_and_exports_a_loadable_adapter(tiny_m
     from mosld.models import load_base_model
 
     tasks = [write_task(tmp_path / "bigger_a", 0), write_task(tmp_path / "bigger_b", 100)]
-    first = run(tmp_path, "first", 2, tiny_model_dir, tasks, "--strategy", "fsdp", "--max_steps", "4")
-    through = run(tmp_path, "through", 2, tiny_model_dir, tasks, "--strategy", "fsdp", "--max_steps", "8")
+    devices = 2 if ACCELERATOR == "cpu" else torch.cuda.device_count()
+    fsdp = ("--strategy", "fsdp")
+    first = run(tmp_path, "first", devices, tiny_model_dir, tasks, *fsdp, "--max_steps", "4", accelerator=ACCELERATOR)
+    through = run(
+        tmp_path, "through", devices, tiny_model_dir, tasks, *fsdp, "--max_steps", "8", accelerator=ACCELERATOR
+    )
     ckpt = tmp_path / "first" / "last.ckpt"
-    resumed = run(tmp_path, "resumed", 2, tiny_model_dir, tasks, "--strategy", "fsdp", "--max_steps", "8",
-                  "--ckpt_path", str(ckpt))  # fmt: skip
+    resumed = run(tmp_path, "resumed", devices, tiny_model_dir, tasks, *fsdp, "--max_steps", "8",
+                  "--ckpt_path", str(ckpt), accelerator=ACCELERATOR)  # fmt: skip
+    print("FSDP losses: first", first[0]["losses"], "through", through[0]["losses"], "resumed", resumed[0]["losses"])
 
     checkpoint = torch.load(ckpt, weights_only=False)
     assert checkpoint["global_step"] == 4
@@ -101,3 +111,4 @@ def test_fsdp_on_two_cpu_processes_resumes_and_exports_a_loadable_adapter(tiny_m
         assert torch.equal(value, checkpoint["state_dict"][f"model.{key}"]), key
     model = mosld.load_adapter(load_base_model(tiny_model_dir), tmp_path / "first" / "adapter")
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    print(f"FSDP ({ACCELERATOR}, {devices} device(s)): resumed at step 4, exported adapter loads on one device")

