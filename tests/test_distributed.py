@@ -71,6 +71,18 @@ def test_ddp_two_cpu_processes_match_the_single_process_run(tiny_model_dir, tmp_
     assert single["val_before"]["val/bigger_a/items"] == 11
 
 
+def test_fsdp_strategy_refuses_a_single_process(tiny_model_dir, tmp_path):
+    tasks = [write_task(tmp_path / "bigger_a", 0)]
+    out = tmp_path / "one"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--model", tiny_model_dir, "--tasks", *tasks, "--devices", "1",
+           "--strategy", "fsdp", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "AdapterFSDPStrategy needs at least 2 processes" in proc.stderr
+
+
 @pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_resumes_and_exports_a_loadable_adapter(tiny_model_dir, tmp_path):
     """FSDP with gloo on CPU: adapters in their own units, full-state checkpoints, resume, export."""
@@ -81,6 +93,8 @@ def test_fsdp_on_two_cpu_processes_resumes_and_exports_a_loadable_adapter(tiny_m
 
     tasks = [write_task(tmp_path / "bigger_a", 0), write_task(tmp_path / "bigger_b", 100)]
     devices = 2 if ACCELERATOR == "cpu" else torch.cuda.device_count()
+    if devices < 2:
+        pytest.skip(f"FSDP needs 2 or more devices; {ACCELERATOR} has {devices}")
     fsdp = ("--strategy", "fsdp")
     first = run(tmp_path, "first", devices, tiny_model_dir, tasks, *fsdp, "--max_steps", "4", accelerator=ACCELERATOR)
     through = run(

@@ -50,6 +50,14 @@ class AdapterFSDPStrategy(FSDPStrategy):
         super().__init__(**kwargs)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            # FSDP turns itself into NO_SHARD on one process, and torch's NO_SHARD with
+            # use_orig_params fails on tied embeddings (SmolLM2, Qwen2, ...) with an obscure
+            # "as_params=True type(prim_param)" AssertionError (seen with torch 2.11 and 2.13).
+            raise ValueError(
+                "AdapterFSDPStrategy needs at least 2 processes (devices x nodes); on one device FSDP does not "
+                "shard anything: use strategy 'auto' (or 'ddp') instead"
+            )
         units = adapter_wrap_modules(model)
         self.kwargs["auto_wrap_policy"] = functools.partial(_wrap_if_unit, units=units)
         if self.root_device.type != "cpu":

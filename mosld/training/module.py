@@ -16,6 +16,7 @@ from torch import Tensor
 from ..adapters import AdapterConfig, adapter_layers, aux_loss, count_parameters, inject_adapters, set_aux_loss
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
+from ..evaluation import score_batch, supports_prompt_sharing
 from ..models import load_base_model
 
 # Per-task sums accumulated over an evaluation epoch, reduced across ranks at its end.
@@ -151,14 +152,14 @@ class MoSLDModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._reset_sums()
+        # Score each item's choices on one KV cache of its prompt when the model allows it.
+        self._share_prompt = supports_prompt_sharing(self.base)
 
     def on_test_epoch_start(self) -> None:
-        self._reset_sums()
+        self.on_validation_epoch_start()
 
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        from ..evaluation import score_batch
-
-        scores = score_batch(self.model, batch)
+        scores = score_batch(self.model, batch, share_prompt=self._share_prompt)
         sums = self._sums
         sums["items"][dataloader_idx] += scores["correct"].numel()
         for key in ("correct", "correct_sum", "correct_norm", "gold_loss_sum", "gold_tokens"):
@@ -220,8 +221,6 @@ class MoSLDModule(L.LightningModule):
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
-        from ..evaluation import score_batch
-
         return {"batch": batch, "scores": score_batch(self.model, batch, return_choice_scores=True)}
 
     # ------------------------------------------------------------------ checkpoints
