@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,19 @@ def test_fit_logs_exports_checkpoints_adapters_only_and_resumes(tiny_model_dir, 
     assert after["lr_schedulers"][0]["last_epoch"] == 5  # the schedule continued, not restarted
     changed = [k for k in after["state_dict"] if not torch.equal(after["state_dict"][k], checkpoint["state_dict"][k])]
     assert changed
+
+    # predict answers a JSONL file of questions (labels optional) with the trained adapter.
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        '{"question": "Which animal says moo?", "choices": ["cow", "cat", "duck"], "label": 0}\n'
+        '{"question": "What color is a clear sky?", "choices": ["green", "blue"]}\n'
+    )
+    predict_args = [a if a != "fit" else "predict" for a in tiny_run_args(tiny_model_dir, tmp_path)]
+    predicted = main([*predict_args, "--ckpt_path", str(last), "--data.predict_file", str(questions)])
+    rows = [
+        json.loads(line) for line in (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 2 and rows[0]["label"] == 0 and "label" not in rows[1]
+    assert [len(r["logprob"]) for r in rows] == [3, 2]
+    for row in rows:
+        assert row["prediction"] == max(range(len(row["logprob"])), key=row["logprob_per_char"].__getitem__)

@@ -223,15 +223,11 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         folder = run_dir(trainer)
         path = Path(self.output) if self.output else folder / "predictions.jsonl"
-        if trainer.world_size > 1:
+        if trainer.world_size > 1:  # each rank holds every world_size-th question, from its rank on
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [
-            row
-            for batch in (predictions[0] if predictions and isinstance(predictions[0], list) else predictions)
-            for row in batch
-        ]
+        rows = [row for batch in predictions for row in batch]
         with path.open("w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        rank_zero_info(f"{len(rows)} predictions written to {path}")
+        print(f"{len(rows)} predictions written to {path}")

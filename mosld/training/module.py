@@ -220,8 +220,23 @@ class MoSLDModule(L.LightningModule):
         self._log_eval("test")
 
     # ------------------------------------------------------------------ predict
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
-        return {"batch": batch, "scores": score_batch(self.model, batch, return_choice_scores=True)}
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """One row per question: the predicted choice (headline scoring) and every choice's scores."""
+        scores = score_batch(self.model, batch, share_prompt=supports_prompt_sharing(self.base))
+        rows = [{"prediction": int(p), "label": int(g), "logprob": [], "logprob_per_char": []}
+                for p, g in zip(scores["pred"].tolist(), batch["gold"].tolist(), strict=True)]  # fmt: skip
+        for item, logprob, norm in zip(
+            batch["item_index"].tolist(),
+            scores["choice_logprob"].tolist(),
+            scores["choice_logprob_norm"].tolist(),
+            strict=True,
+        ):
+            rows[item]["logprob"].append(logprob)
+            rows[item]["logprob_per_char"].append(norm)
+        for row in rows:
+            if row["label"] < 0:  # the question came without an answer
+                del row["label"]
+        return rows
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
