@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel on our machines; on a CUDA machine pick the build you need, e.g. TORCH=torch.
 TORCH ?= torch==2.13.0
+# The benchmark data beside the checkout, when it is there (else the tasks come from the hub).
+export MOSLD_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
