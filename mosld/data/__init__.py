@@ -1,0 +1,27 @@
+"""Data side of mosld: task registry, prompts, temperature sampling and the multi-task DataModule.
+
+Data code knows nothing of adapters: it turns tasks into token sequences and evaluation batches.
+"""
+
+from mosld.data.datamodule import MultiTaskDataModule
+from mosld.data.prompts import TEMPLATES, EncodedItem, PromptTemplate, encode_examples
+from mosld.data.sampling import TemperatureSampler, temperature_probabilities
+from mosld.data.tasks import KNOWN_TASKS, PAPER_TASKS, TASKS, Example, TaskDataError, TaskSpec, load_task, split_plan
+
+__all__ = [
+    "KNOWN_TASKS",
+    "PAPER_TASKS",
+    "TASKS",
+    "TEMPLATES",
+    "EncodedItem",
+    "Example",
+    "MultiTaskDataModule",
+    "PromptTemplate",
+    "TaskDataError",
+    "TaskSpec",
+    "TemperatureSampler",
+    "encode_examples",
+    "load_task",
+    "split_plan",
+    "temperature_probabilities",
+]

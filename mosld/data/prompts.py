@@ -1,0 +1,173 @@
+"""Prompt templates and tokenisation shared by training and scoring.
+
+Training and evaluation build their token sequences from the same ``EncodedItem``: the prompt tokens, then
+one choice's answer tokens (training appends EOS after the gold answer). Only answer tokens carry labels;
+prompt tokens are masked with -100. A long passage is cut (from its end) so that the question, the
+choices and the longest answer plus EOS always fit in ``max_length``; the cut depends on the item, not on
+the choice, so every choice of an item is scored after exactly the prompt the model was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from mosld.data.tasks import LETTERS, Example
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt format: ``context`` (only when the example has one) + ``body``, then the ``answer`` target.
+
+    Attributes:
+        name: Template name (key of ``TEMPLATES``).
+        context: Format string with ``{context}``; the passage part that may be truncated.
+        body: Format string with ``{question}`` and optionally ``{choices}`` (one ``choice`` line per choice).
+        choice: Format of one ``{choices}`` line, with ``{letter}`` and ``{text}``.
+        answer: Format of the target continuation, with ``{text}`` (cloze) or ``{letter}``.
+    """
+
+    name: str
+    context: str = "{context}\n\n"
+    body: str = "Q: {question}\nA:"
+    choice: str = "{letter}. {text}"
+    answer: str = " {text}"
+
+    def render(self, example: Example) -> tuple[str, str, list[str]]:
+        """(truncatable part, body, answer texts): the prompt is the first two joined.
+
+        The truncatable part is the context format up to the end of ``{context}``; what follows it (the
+        separator) starts the body, so a cut passage is still followed by the separator and the question.
+        Without a context the truncatable part is empty.
+        """
+        lines = "\n".join(self.choice.format(letter=LETTERS[i], text=c) for i, c in enumerate(example.choices))
+        body = self.body.format(question=example.question, choices=lines)
+        answers = [self.answer.format(letter=LETTERS[i], text=c) for i, c in enumerate(example.choices)]
+        if not example.context:
+            return "", body, answers
+        before, _, after = self.context.partition("{context}")
+        return before + example.context, after + body, answers
+
+
+# "Q:/A:" beat "Question:/Answer:" by 3.5 points on ARC-Easy with the embedded SmolLM2 (docs/zero_shot.md).
+# Listed choices are lettered "A.", so these variants keep the long cue words rather than end in "A:".
+_LETTERED = {"body": "Question: {question}\n{choices}\nAnswer:", "answer": " {letter}"}
+TEMPLATES: dict[str, PromptTemplate] = {
+    t.name: t
+    for t in (
+        # Cloze style: the answer text is scored (or generated) right after "A:".
+        PromptTemplate("science", context=""),
+        PromptTemplate("passage"),
+        PromptTemplate("yesno"),
+        # Variants kept for comparison (docs/zero_shot.md): long cue words; choices listed, target = letter or text.
+        PromptTemplate("science_question", context="", body="Question: {question}\nAnswer:"),
+        PromptTemplate("science_lettered", context="", **_LETTERED),
+        PromptTemplate("passage_lettered", **_LETTERED),
+        PromptTemplate("science_listed", context="", body=_LETTERED["body"]),
+        PromptTemplate("passage_listed", body=_LETTERED["body"]),
+    )
+}
+FAMILY_TEMPLATES = {"science": "science", "passage": "passage", "yesno": "yesno"}
+
+
+def get_template(name: str | PromptTemplate) -> PromptTemplate:
+    """A template by name (or passed through); unknown names list the known ones."""
+    if isinstance(name, PromptTemplate):
+        return name
+    if name not in TEMPLATES:
+        raise ValueError(f"prompt template {name!r}: unknown; known templates: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+@dataclass
+class EncodedItem:
+    """Token ids of one multiple-choice item.
+
+    Attributes:
+        prompt: Prompt tokens (special prefix, possibly truncated passage, question).
+        choices: Answer tokens of each choice, without EOS.
+        label: Index of the gold choice.
+        choice_chars: Character length of each choice's continuation (answer text with its leading space), the
+            length normalisation of lm-evaluation-harness's ``acc_norm``.
+    """
+
+    prompt: list[int]
+    choices: list[list[int]]
+    label: int
+    choice_chars: list[int]
+
+    def train_sequence(self, eos_id: int) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) for training: prompt + gold answer + EOS, loss on the answer and EOS only."""
+        answer = self.choices[self.label] + [eos_id]
+        return self.prompt + answer, [IGNORE_INDEX] * len(self.prompt) + answer
+
+    def choice_sequence(self, index: int) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) for scoring choice ``index``: prompt + answer, labels on the answer only."""
+        answer = self.choices[index]
+        return self.prompt + answer, [IGNORE_INDEX] * len(self.prompt) + answer
+
+    def __len__(self) -> int:
+        return len(self.prompt) + max(len(c) for c in self.choices) + 1
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def encode_examples(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | PromptTemplate,
+    max_length: int,
+) -> list[EncodedItem]:
+    """Tokenise examples with a template, truncating passages to fit ``max_length``.
+
+    Answer tokens are taken as the tokens of ``body + answer`` after those of ``body`` so that tokenizers
+    that merge across the boundary or add a word-start marker (SentencePiece) still give the tokens the
+    model sees in the full text; where the prefix does not match, the answer is tokenised on its own.
+
+    Args:
+        examples: Items to encode.
+        tokenizer: The base model's tokenizer; its special prefix (e.g. BOS) starts every prompt.
+        template: Template name or object.
+        max_length: Upper bound on prompt + longest answer + EOS, in tokens.
+
+    Returns:
+        One ``EncodedItem`` per example.
+    """
+    template = get_template(template)
+    if max_length < 8:
+        raise ValueError(f"max_length: expected at least 8 tokens, got {max_length}")
+    prefix = tokenizer("", add_special_tokens=True)["input_ids"]
+    rendered = [template.render(e) for e in examples]
+    contexts = _ids(tokenizer, [r[0] for r in rendered])
+    bodies = _ids(tokenizer, [r[1] for r in rendered])
+    flat = [(r[1], a) for r in rendered for a in r[2]]
+    joined = _ids(tokenizer, [body + answer for body, answer in flat])
+    alone = _ids(tokenizer, [answer for _, answer in flat])
+    items, k = [], 0
+    for example, (_, _, answers), context, body in zip(examples, rendered, contexts, bodies, strict=True):
+        choice_ids = []
+        for answer_alone in alone[k : k + len(answers)]:
+            whole = joined[k]
+            choice_ids.append(
+                whole[len(body) :] if whole[: len(body)] == body and len(whole) > len(body) else answer_alone
+            )
+            k += 1
+        longest = max(len(c) for c in choice_ids)
+        room = max_length - len(prefix) - longest - 1  # 1 for the EOS appended in training
+        if room < 1:  # the answers alone do not fit: keep the start of each, and one prompt token
+            choice_ids = [c[: max_length - len(prefix) - 2] for c in choice_ids]
+            room = 1
+        if len(body) > room:  # no room for any passage: keep the end of the question, next to the answer
+            context, body = [], body[len(body) - room :]
+        prompt = prefix + context[: room - len(body)] + body
+        chars = [len(a) for a in answers]  # the continuation, leading space included, as lm-eval's acc_norm
+        items.append(EncodedItem(prompt, choice_ids, example.label, chars))
+    return items

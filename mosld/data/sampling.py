@@ -1,0 +1,95 @@
+"""Temperature-based multi-task sampling, deterministic and sharded for DDP."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+def temperature_probabilities(sizes: Sequence[int], temperature: float) -> list[float]:
+    """Probability of drawing each task: proportional to ``n_i ** (1 / T)``.
+
+    Args:
+        sizes: Number of training examples per task (all positive).
+        temperature: T > 0. T = 1 samples proportionally to size; T -> inf samples tasks uniformly.
+
+    Returns:
+        One probability per task, summing to 1.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected T > 0 (1 = proportional, large = uniform), got {temperature}")
+    if not sizes or any(n <= 0 for n in sizes):
+        raise ValueError(f"sizes: expected a positive number of examples per task, got {list(sizes)}")
+    # Work in log space: n ** (1/T) is fine, but this also gives T = inf (uniform) without a special case.
+    logs = [math.log(n) / temperature for n in sizes]
+    top = max(logs)
+    weights = [math.exp(v - top) for v in logs]
+    return [w / sum(weights) for w in weights]
+
+
+class TemperatureSampler(Sampler[int]):
+    """Draws indices into the concatenation of several tasks' training sets.
+
+    Each draw picks a task with ``temperature_probabilities`` and takes that task's next example from a
+    shuffled pass over it (a new shuffle each pass), so a task is covered before any example repeats. The
+    global index sequence depends only on (seed, epoch), so it is identical on every rank; rank r takes
+    positions r, r + W, r + 2W, ... of it, truncated so that every rank gets the same number of indices.
+
+    Args:
+        sizes: Training examples per task; task i owns global indices ``sum(sizes[:i]) .. sum(sizes[:i+1]) - 1``.
+        temperature: Sampling temperature T.
+        num_samples: Length of one epoch over all ranks; default ``sum(sizes)``.
+        seed: Base seed, shared by all ranks.
+        rank: This process's rank.
+        world_size: Number of processes.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        temperature: float = 1.0,
+        num_samples: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.sizes = list(sizes)
+        self.probabilities = temperature_probabilities(self.sizes, temperature)
+        self.num_samples = sum(self.sizes) if num_samples is None else int(num_samples)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size = {world_size}, got {rank}")
+        if self.num_samples < world_size:
+            raise ValueError(f"num_samples: expected at least world_size = {world_size}, got {self.num_samples}")
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose index sequence ``__iter__`` yields (Lightning calls this every epoch)."""
+        self.epoch = epoch
+
+    def global_indices(self) -> list[int]:
+        """The full index sequence of the current epoch, before sharding (the same on every rank)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        tasks = torch.multinomial(
+            torch.tensor(self.probabilities, dtype=torch.float64),
+            self.num_samples,
+            replacement=True,
+            generator=generator,
+        ).tolist()
+        offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        orders: list[list[int]] = [[] for _ in self.sizes]
+        indices = []
+        for task in tasks:
+            if not orders[task]:
+                orders[task] = torch.randperm(self.sizes[task], generator=generator).tolist()[::-1]
+            indices.append(offsets[task] + orders[task].pop())
+        return indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_indices()[self.rank : len(self) * self.world_size : self.world_size])
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size

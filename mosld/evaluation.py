@@ -1,0 +1,298 @@
+"""Multiple-choice evaluation: log-likelihood scoring of each choice, or greedy generation and answer extraction.
+
+Headline metric: ``accuracy_norm``, the choice with the highest log-likelihood divided by the character
+length of its continuation (the answer text with its leading space: lm-evaluation-harness's ``acc_norm``),
+scored cloze-style after the task's prompt. ``accuracy_sum`` (unnormalised) and ``accuracy_token_norm``
+(mean per answer token) are reported beside it. Measurements behind the choice: docs/zero_shot.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from mosld.data.datamodule import eval_loader
+from mosld.data.prompts import FAMILY_TEMPLATES, EncodedItem, encode_examples, get_template
+from mosld.data.tasks import EVAL_SAMPLE_SEED, LETTERS, load_task, seeded_sample, task_family, task_name
+
+HEADLINE = "accuracy_norm"
+SCORINGS = {"accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm", "accuracy_token_norm": "correct_token_norm"}
+
+
+def _argmax_per_item(scores: Tensor, item_index: Tensor, choice_index: Tensor, num_items: int) -> Tensor:
+    table = scores.new_full((num_items, int(choice_index.max()) + 1), float("-inf"))
+    table[item_index, choice_index] = scores
+    return table.argmax(dim=1)
+
+
+def _forward_kwargs(model: torch.nn.Module) -> set[str]:
+    forward = getattr(model, "forward", None)
+    try:
+        return set(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def supports_prompt_sharing(model: torch.nn.Module) -> bool:
+    """Whether the model takes a KV cache, position ids and ``logits_to_keep`` (Hugging Face causal LMs do)."""
+    params = _forward_kwargs(model)
+    return {"position_ids", "logits_to_keep"} <= params and bool({"cache", "past_key_values"} & params)
+
+
+def _choice_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Summed log-probability of each sequence's answer tokens, from one forward of the whole batch."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    kwargs = {}
+    if "logits_to_keep" in _forward_kwargs(model):
+        # Logits only at columns that predict an answer token: the LM head is a fifth of a small model's cost.
+        keep = mask.any(dim=0).nonzero().squeeze(1)
+        targets, mask = targets[:, keep], mask[:, keep]
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    logits = logits[:, : targets.shape[1]]  # without logits_to_keep: drop the last column, which predicts nothing
+    token_logp = logits[mask].float().log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(len(mask), device=logits.device).index_add_(0, mask.nonzero()[:, 0], token_logp)
+
+
+def _choice_logprobs_shared_prompt(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Same as ``_choice_logprobs``, running each item's prompt once and its choices on the prompt's KV cache."""
+    ids, is_answer, item_index = batch["input_ids"], batch["labels"] != -100, batch["item_index"]
+    device, num_items, width = ids.device, len(batch["gold"]), ids.shape[1]
+    n_answer = is_answer.sum(dim=1)
+    start = is_answer.int().argmax(dim=1)  # = prompt length: labels begin right after the prompt
+    first = torch.full((num_items,), len(ids), device=device).scatter_reduce(
+        0, item_index, torch.arange(len(ids), device=device), reduce="amin"
+    )
+    prompt_len = start[first]
+    # Left-pad the prompts so that every one ends in the last column, where the first answer token is predicted.
+    source = torch.arange(int(prompt_len.max()), device=device) - (prompt_len.max() - prompt_len)[:, None]
+    prompt_mask = (source >= 0).long()
+    prompt_ids = ids[first].gather(1, source.clamp(min=0))
+    cache_arg = "cache" if "cache" in _forward_kwargs(model) else "past_key_values"
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=source.clamp(min=0), use_cache=True,
+        logits_to_keep=1,
+    )  # fmt: skip
+    steps = torch.arange(int(n_answer.max()), device=device)
+    answer = ids.gather(1, (start[:, None] + steps).clamp(max=width - 1))
+    answer_mask = steps < n_answer[:, None]
+    next_logp = out.logits[:, -1].float().log_softmax(-1)[item_index]
+    total = next_logp.gather(1, answer[:, :1]).squeeze(1)
+    if answer.shape[1] > 1:
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.reorder_cache(item_index)  # one copy of the item's prompt cache per choice
+        out = model(
+            input_ids=answer[:, :-1],
+            attention_mask=torch.cat([prompt_mask[item_index], answer_mask[:, :-1].long()], dim=1),
+            position_ids=prompt_len[item_index][:, None] + steps[:-1],
+            **{cache_arg: cache},
+        )
+        logp = out.logits.float().log_softmax(-1).gather(-1, answer[:, 1:, None]).squeeze(-1)
+        total = total + (logp * answer_mask[:, 1:]).sum(dim=1)
+    return total
+
+
+def score_batch(model: torch.nn.Module, batch: dict[str, Tensor], share_prompt: bool = False) -> dict[str, Tensor]:
+    """Score every choice of every item in an eval batch.
+
+    Args:
+        model: Causal LM; called as ``model(input_ids=..., attention_mask=...).logits`` (with ``logits_to_keep``
+            when its forward takes it).
+        batch: An eval batch from ``MultiTaskDataModule.val_dataloader()`` / ``test_dataloader()``.
+        share_prompt: Run each item's prompt once and score its choices on the prompt's KV cache (needs
+            ``supports_prompt_sharing(model)``): the same scores, 2-4x faster on 4-choice items.
+
+    Returns:
+        Per-item tensors (length = number of items): ``correct`` (headline, ``correct_norm``), ``correct_sum``,
+        ``correct_norm``, ``correct_token_norm`` (float 0/1), ``pred`` (headline choice), ``gold_loss_sum``
+        (summed NLL of the gold answer tokens) and ``gold_tokens`` (their count); and per sequence (one per item
+        and choice, as ``batch["item_index"]`` / ``batch["choice_index"]``): ``choice_logprob`` (summed
+        log-likelihood of the choice) and ``choice_logprob_norm`` (divided by the choice's character length).
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    score = _choice_logprobs_shared_prompt if share_prompt else _choice_logprobs
+    seq_logp = score(model, batch)
+    seq_tokens = (batch["labels"] != -100).sum(dim=1)
+    item_index, choice_index, gold = batch["item_index"], batch["choice_index"], batch["gold"]
+    num_items = len(gold)
+    variants = {
+        "sum": seq_logp,
+        "norm": seq_logp / batch["choice_chars"].clamp(min=1),
+        "token_norm": seq_logp / seq_tokens.clamp(min=1),
+    }
+    out = {}
+    for name, scores in variants.items():
+        pred = _argmax_per_item(scores, item_index, choice_index, num_items)
+        out[f"correct_{name}"] = (pred == gold).float()
+        if name == "norm":
+            out["pred"] = pred
+    out["correct"] = out["correct_norm"]
+    # Per-sequence (item, choice) scores, for predictions that report every choice's score.
+    out["choice_logprob"], out["choice_logprob_norm"] = seq_logp, variants["norm"]
+    is_gold = choice_index == gold[item_index]
+    out["gold_loss_sum"] = torch.zeros(num_items, device=device).index_add_(0, item_index[is_gold], -seq_logp[is_gold])
+    out["gold_tokens"] = torch.zeros(num_items, device=device).index_add_(
+        0, item_index[is_gold], seq_tokens[is_gold].float()
+    )
+    return out
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def extract_choice(generated: str, choices: Sequence[str], lettered: bool = False) -> int:
+    """Map generated text to a choice index, or -1 when it names none.
+
+    Order: exact match; the text starts with a choice (longest first); with ``lettered``, a leading letter
+    (``B``, ``B.``, ``(B)``); otherwise the choice sharing the most words with the text.
+    """
+    text = _normalise(generated)
+    normalised = [_normalise(c) for c in choices]
+    if text in normalised:
+        return normalised.index(text)
+    starts = [(len(c), i) for i, c in enumerate(normalised) if c and (text + " ").startswith(c + " ")]
+    if starts:
+        return max(starts)[1]
+    if lettered:
+        match = re.match(r"\s*\(?([A-J])\b", generated)
+        if match and LETTERS.index(match.group(1)) < len(choices):
+            return LETTERS.index(match.group(1))
+    words = set(text.split())
+    overlaps = [len(words & set(c.split())) / max(1, len(set(c.split()))) for c in normalised]
+    best = max(range(len(choices)), key=lambda i: overlaps[i])
+    return best if overlaps[best] > 0 else -1
+
+
+@torch.inference_mode()
+def _generate_predictions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[EncodedItem],
+    choices: Sequence[Sequence[str]],
+    lettered: bool,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[int]:
+    device = next(model.parameters()).device
+    preds = []
+    for start in range(0, len(items), batch_size):
+        prompts = [item.prompt for item in items[start : start + batch_size]]
+        width = max(len(p) for p in prompts)
+        # Left padding, so that every prompt ends where generation starts.
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for k, row in enumerate(out[:, width:].tolist()):
+            text = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0]
+            preds.append(extract_choice(text, choices[start + k], lettered))
+    return preds
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str],
+    split: str = "test",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    *,
+    batch_size: int = 8,
+    max_length: int = 512,
+    method: Literal["loglik", "generate"] = "loglik",
+    templates: dict[str, str] | None = None,
+    max_new_tokens: int = 32,
+    share_prompt: bool | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Zero-shot (or fine-tuned) multiple-choice accuracy of a causal LM, without Lightning.
+
+    Args:
+        model: Causal LM (any device); put in eval mode for the call and restored afterwards.
+        tokenizer: Its tokenizer (``mosld.models.load_tokenizer``).
+        tasks: Registry names or user task paths.
+        split: ``train``, ``validation`` or ``test`` (the paper's splits, see ``docs/data.md``).
+        data_dir: Local data directory; default ``$MOSLD_DATA_DIR``, else the Hugging Face Hub.
+        limit: At most this many items per task, a fixed seeded sample (the same as the DataModule's
+            ``max_eval_examples``).
+        batch_size: Items per forward pass (all choices of an item go in the same pass).
+        max_length: Token budget per sequence; long passages are truncated.
+        method: ``loglik`` scores each choice's log-likelihood; ``generate`` decodes greedily and maps the
+            text to a choice (the paper's way; needs a model trained on the prompts, or a lettered template).
+        templates: Prompt template per task name, overriding the registry's choice.
+        max_new_tokens: Generation length for ``method="generate"``.
+        share_prompt: Score choices on a shared prompt KV cache (see ``score_batch``); default: when the model
+            supports it.
+        verbose: Print one line per task as it finishes.
+
+    Returns:
+        ``{"accuracy": {task: headline accuracy}, "macro_accuracy": float, "metrics": {task: {"accuracy_sum",
+        "accuracy_norm", "accuracy_token_norm", "num_items", "seconds"}}, "macro": {variant: float},
+        "headline": str, "split": str}``. With ``method="generate"`` the headline is ``accuracy_generate``.
+    """
+    if method not in ("loglik", "generate"):
+        raise ValueError(f"method: expected 'loglik' or 'generate', got {method!r}")
+    templates = dict(templates or {})
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, dict[str, float]] = {}
+    try:
+        for task_id, task in enumerate(tasks):
+            started = time.perf_counter()
+            name = task_name(task)
+            examples = seeded_sample(load_task(task, split, data_dir), limit, EVAL_SAMPLE_SEED)
+            template = get_template(templates.get(name, FAMILY_TEMPLATES[task_family(task)]))
+            items = encode_examples(examples, tokenizer, template, max_length)
+            if method == "generate":
+                lettered = "{letter}" in template.answer
+                choices = [e.choices for e in examples]
+                preds = _generate_predictions(model, tokenizer, items, choices, lettered, batch_size, max_new_tokens)
+                correct = [float(p == e.label) for p, e in zip(preds, examples, strict=True)]
+                result = {"accuracy_generate": sum(correct) / len(correct)}
+            else:
+                share = supports_prompt_sharing(model) if share_prompt is None else share_prompt
+                result = _loglik_accuracy(model, items, task_id, tokenizer.pad_token_id, batch_size, share)
+            metrics[name] = {**result, "num_items": len(items), "seconds": time.perf_counter() - started}
+            if verbose:
+                print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[name].items()), flush=True)
+    finally:
+        model.train(was_training)
+    headline = "accuracy_generate" if method == "generate" else HEADLINE
+    variants = [headline] if method == "generate" else list(SCORINGS)
+    macro = {v: sum(m[v] for m in metrics.values()) / len(metrics) for v in variants}
+    return {
+        "accuracy": {name: m[headline] for name, m in metrics.items()},
+        "macro_accuracy": macro[headline],
+        "metrics": metrics,
+        "macro": macro,
+        "headline": headline,
+        "split": split,
+    }
+
+
+@torch.inference_mode()
+def _loglik_accuracy(
+    model: torch.nn.Module, items: Sequence[EncodedItem], task_id: int, pad_id: int, batch_size: int, share: bool
+) -> dict[str, float]:
+    totals = dict.fromkeys(SCORINGS.values(), 0.0)
+    for batch in eval_loader(items, task_id, pad_id, batch_size):
+        scores = score_batch(model, batch, share_prompt=share)
+        for key in totals:
+            totals[key] += scores[key].sum().item()
+    return {metric: totals[key] / len(items) for metric, key in SCORINGS.items()}

@@ -1,0 +1,214 @@
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mosld.data.datamodule as datamodule_module
+from mosld.data import MultiTaskDataModule, encode_examples, load_task
+from mosld.data.prompts import TEMPLATES, get_template
+from mosld.data.tasks import Example
+from mosld.models import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_TASK = str(REPO / "data" / "example_task")
+DATA_DIR = REPO.parent / "shared" / "data"
+TOKENIZER = "embedded:smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+@pytest.fixture
+def story_task(tmp_path) -> str:
+    """A user task with long passages and no validation file (so 10% of train is held out)."""
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    for split, n in (("train", 30), ("test", 9)):
+        rows = [
+            {
+                "context": f"Story {i}. " + "The fox walked along the river and looked at the hills. " * (3 + i % 5),
+                "question": f"Where did fox {i} walk?",
+                "choices": ["along the river", "into town", "up a tree"],
+                "label": 0,
+            }
+            for i in range(n)
+        ]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+def make_dm(tmp_path, tasks, **kwargs) -> MultiTaskDataModule:
+    return MultiTaskDataModule(tasks=tasks, model_name_or_path=TOKENIZER, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_encoding_masks_the_prompt_and_keeps_the_answer_text(tokenizer):
+    example = Example("t", None, "What do bees make?", ["milk", "honey"], 1)
+    item = encode_examples([example], tokenizer, "science", 64)[0]
+    assert tokenizer.decode(item.prompt) == "Q: What do bees make?\nA:"
+    assert [tokenizer.decode(c) for c in item.choices] == [" milk", " honey"]
+    assert item.choice_chars == [5, 6]  # " milk", " honey": lm-eval counts the space
+    ids, labels = item.train_sequence(tokenizer.eos_token_id)
+    answer = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+    assert tokenizer.decode(answer) == " honey" + tokenizer.eos_token
+    assert labels[: len(item.prompt)] == [-100] * len(item.prompt)
+    # Scoring sees exactly the training sequence without its EOS.
+    assert item.choice_sequence(1) == (ids[:-1], labels[:-1])
+
+
+def test_lettered_template_lists_the_choices_and_targets_the_letter(tokenizer):
+    example = Example("t", None, "What do bees make?", ["milk", "honey"], 1)
+    item = encode_examples([example], tokenizer, "science_lettered", 64)[0]
+    assert tokenizer.decode(item.prompt) == "Question: What do bees make?\nA. milk\nB. honey\nAnswer:"
+    assert [tokenizer.decode(c) for c in item.choices] == [" A", " B"]
+
+
+def test_unknown_template_lists_the_known_ones():
+    with pytest.raises(ValueError) as err:
+        get_template("nope")
+    assert all(name in str(err.value) for name in TEMPLATES)
+
+
+def test_long_passages_are_cut_so_question_and_answers_fit(tokenizer):
+    passage = "word " * 400
+    example = Example("t", passage, "Which choice is right?", ["the first one", "a much longer second choice here"], 0)
+    for max_length in (40, 64, 300):
+        item = encode_examples([example], tokenizer, "passage", max_length)[0]
+        assert len(item) <= max_length  # prompt + longest answer + EOS
+        text = tokenizer.decode(item.prompt)
+        assert text.startswith("word word") and text.endswith("word\n\nQ: Which choice is right?\nA:")
+        assert [tokenizer.decode(c) for c in item.choices] == [" the first one", " a much longer second choice here"]
+    short = encode_examples([Example("t", "Short.", "Q?", ["a", "b"], 0)], tokenizer, "passage", 300)[0]
+    assert tokenizer.decode(short.prompt) == "Short.\n\nQ: Q?\nA:"
+
+
+def test_train_batches_are_dynamically_padded_with_answer_only_labels(tmp_path, tokenizer, story_task):
+    dm = make_dm(tmp_path, [EXAMPLE_TASK, story_task], batch_size=4, max_length=256, seed=1)
+    assert dm.task_names == ["example_task", "stories"]
+    dm.setup("fit")
+    answers = {0: {c for e in load_task(EXAMPLE_TASK, "train") for c in e.choices}, 1: {"along the river"}}
+    loader = dm.train_dataloader()
+    assert len(loader.sampler) == 12 + 27
+    widths = []
+    for batch in loader:
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "task_ids"}
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert ids.dtype == labels.dtype == batch["task_ids"].dtype == torch.long
+        assert ids.shape == mask.shape == labels.shape and batch["task_ids"].shape == (ids.shape[0],)
+        assert ids.shape[1] == int(mask.sum(1).max())  # padded to the longest, not to max_length
+        assert (labels[mask == 0] == -100).all()
+        widths.append(ids.shape[1])
+        for row, label_row, task_id in zip(ids, labels, batch["task_ids"].tolist(), strict=True):
+            answer = tokenizer.decode(row[label_row != -100])
+            assert answer.endswith(tokenizer.eos_token)
+            assert answer[: -len(tokenizer.eos_token)].strip() in answers[task_id]
+    assert min(widths) < max(widths) < 256
+
+
+def test_eval_batches_hold_whole_items_and_agree_with_training(tmp_path, tokenizer, story_task):
+    dm = make_dm(tmp_path, [EXAMPLE_TASK, story_task], eval_batch_size=5, max_length=256)
+    dm.setup("test")
+    loaders = dm.test_dataloader()
+    assert len(loaders) == 2
+    examples = load_task(EXAMPLE_TASK, "test")
+    seen = 0
+    for batch in loaders[0]:
+        items = len(batch["gold"])
+        seen += items
+        assert batch["task_ids"].tolist() == [0] * items
+        assert batch["item_index"].max() == items - 1
+        for i in range(items):
+            rows = (batch["item_index"] == i).nonzero().squeeze(1)
+            assert batch["choice_index"][rows].tolist() == list(range(len(rows)))  # all choices, in this batch
+            texts = [tokenizer.decode(batch["input_ids"][r][batch["labels"][r] != -100]).strip() for r in rows]
+            example = next(e for e in examples if e.choices == texts)
+            assert batch["gold"][i] == example.label
+            assert batch["choice_chars"][rows].tolist() == [len(c) + 1 for c in example.choices]
+            # The gold row is the training sequence of the same item, minus its EOS.
+            gold_row = rows[example.label]
+            seq = batch["input_ids"][gold_row][batch["attention_mask"][gold_row] == 1].tolist()
+            item = encode_examples([example], tokenizer, dm.templates[0], 256)[0]
+            assert seq == item.train_sequence(tokenizer.eos_token_id)[0][:-1]
+    assert seen == 12
+
+
+def test_shards_are_disjoint_and_complete_across_ranks(tmp_path, story_task):
+    dm = make_dm(tmp_path, [EXAMPLE_TASK, story_task], eval_batch_size=2, num_samples_per_epoch=39)
+    dm.setup()
+    shards, train = [], []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        rows = [tuple(r[m == 1].tolist()) for b in dm.val_dataloader()[1] for r, m in
+                zip(b["input_ids"], b["attention_mask"], strict=True)]  # fmt: skip
+        shards.append(rows)
+        sampler = dm.train_dataloader().sampler
+        sampler.set_epoch(3)
+        train.append(list(sampler))
+    dm.trainer = None
+    single = [tuple(r[m == 1].tolist()) for b in dm.val_dataloader()[1] for r, m in
+              zip(b["input_ids"], b["attention_mask"], strict=True)]  # fmt: skip
+    assert sorted(shards[0] + shards[1]) == sorted(single) and not set(shards[0]) & set(shards[1])
+    assert len(train[0]) == len(train[1]) == 19
+    sampler = dm.train_dataloader().sampler
+    sampler.set_epoch(3)
+    assert [i for pair in zip(*train, strict=True) for i in pair] == list(sampler)[:38]
+
+
+def test_training_order_depends_on_seed_and_epoch_only(tmp_path, story_task):
+    first, second = (make_dm(tmp_path, [EXAMPLE_TASK, story_task], seed=4) for _ in range(2))
+    orders = []
+    for dm in (first, second):
+        sampler = dm.train_dataloader().sampler
+        orders.append([list(sampler)])
+        sampler.set_epoch(1)
+        orders[-1].append(list(sampler))
+    assert orders[0] == orders[1] and orders[0][0] != orders[0][1]
+
+
+def test_caps_use_the_training_seed_for_train_and_a_fixed_seed_for_eval(tmp_path, story_task):
+    runs = [make_dm(tmp_path, [story_task], max_train_examples=5, max_eval_examples=4, seed=s) for s in (0, 1)]
+    train = [[tuple(i.prompt) for i in dm.encoded(0, "train")] for dm in runs]
+    test = [[tuple(i.prompt) for i in dm.encoded(0, "test")] for dm in runs]
+    assert len(train[0]) == 5 and len(test[0]) == 4
+    assert train[0] != train[1]
+    assert test[0] == test[1]
+
+
+def test_tokenised_splits_are_cached(tmp_path, story_task, monkeypatch):
+    items = make_dm(tmp_path, [story_task]).encoded(0, "test")
+    assert list((tmp_path / "cache").glob("stories-*.pt"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenised again despite the cache")
+
+    monkeypatch.setattr(datamodule_module, "encode_examples", fail)
+    assert make_dm(tmp_path, [story_task]).encoded(0, "test") == items
+    with pytest.raises(AssertionError, match="tokenised again"):  # another max_length is another cache entry
+        make_dm(tmp_path, [story_task], max_length=100).encoded(0, "test")
+
+
+def test_options_are_checked(tmp_path, story_task):
+    with pytest.raises(ValueError, match="setting='single' trains on exactly one task; got 2"):
+        make_dm(tmp_path, [EXAMPLE_TASK, story_task], setting="single")
+    with pytest.raises(ValueError, match="setting: expected 'mixture' or 'single'"):
+        make_dm(tmp_path, [story_task], setting="both")
+    with pytest.raises(ValueError, match=r"templates: \['arc'\] are not among the tasks \['stories'\]"):
+        make_dm(tmp_path, [story_task], templates={"arc": "science"})
+    with pytest.raises(ValueError, match="distinct"):
+        make_dm(tmp_path, [story_task, story_task])
+    dm = make_dm(tmp_path, [story_task], setting="single", templates={"stories": "passage_lettered"})
+    assert dm.templates == ["passage_lettered"]
+
+
+@pytest.mark.skipif(not (DATA_DIR / "google__boolq").is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
+def test_evaluation_only_tasks_get_eval_loaders_but_no_training_batches(tmp_path):
+    dm = make_dm(tmp_path, ["arc_easy", "boolq"], data_dir=str(DATA_DIR), max_train_examples=16, max_eval_examples=6)
+    assert {b for batch in dm.train_dataloader() for b in batch["task_ids"].tolist()} == {0}
+    assert [sum(len(b["gold"]) for b in loader) for loader in dm.val_dataloader()] == [6, 6]
+    only_boolq = make_dm(tmp_path, ["boolq"], data_dir=str(DATA_DIR), max_eval_examples=6)
+    with pytest.raises(ValueError, match="evaluation-only.*train_eval_only=True"):
+        only_boolq.train_dataloader()
+    assert sum(len(b["gold"]) for b in only_boolq.test_dataloader()[0]) == 6

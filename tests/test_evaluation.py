@@ -1,0 +1,179 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from mosld.data import MultiTaskDataModule, encode_examples, load_task
+from mosld.data.datamodule import eval_loader
+from mosld.data.tasks import Example, TaskDataError
+from mosld.evaluation import evaluate, extract_choice, score_batch, supports_prompt_sharing
+from mosld.models import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_TASK = str(REPO / "data" / "example_task")
+DATA_DIR = REPO.parent / "shared" / "data"
+TOKENIZER = "embedded:smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def reference_logprob(model, ids: list[int], labels: list[int]) -> float:
+    """Answer log-likelihood of one unpadded sequence, computed on its own."""
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100)
+
+
+def passage_items(tokenizer):
+    examples = load_task(EXAMPLE_TASK, "test")
+    examples.append(Example("t", "A long story. " * 40, "What is long?", ["the story", "nothing at all"], 0))
+    return examples, encode_examples(examples, tokenizer, "passage", 96)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_score_batch_matches_scoring_each_sequence_alone(tiny_model, tokenizer, share_prompt):
+    examples, items = passage_items(tokenizer)
+    assert supports_prompt_sharing(tiny_model)
+    checked = 0
+    for batch in eval_loader(items, 0, tokenizer.pad_token_id, batch_size=4):
+        out = score_batch(tiny_model, batch, share_prompt=share_prompt)
+        for i in range(len(batch["gold"])):
+            rows = (batch["item_index"] == i).nonzero().squeeze(1).tolist()
+            logps, tokens, chars = [], [], []
+            for r in rows:
+                keep = batch["attention_mask"][r] == 1
+                ids, labels = batch["input_ids"][r][keep].tolist(), batch["labels"][r][keep].tolist()
+                logps.append(reference_logprob(tiny_model, ids, labels))
+                tokens.append(sum(label != -100 for label in labels))
+                chars.append(int(batch["choice_chars"][r]))
+            assert out["choice_logprob"][rows].tolist() == pytest.approx(logps, rel=1e-4, abs=1e-4)
+            gold = int(batch["gold"][i])
+            assert out["gold_loss_sum"][i].item() == pytest.approx(-logps[gold], rel=1e-4, abs=1e-4)
+            assert out["gold_tokens"][i].item() == tokens[gold]
+            norm = [lp / c for lp, c in zip(logps, chars, strict=True)]
+            assert out["choice_logprob_norm"][rows].tolist() == pytest.approx(norm, rel=1e-4, abs=1e-4)
+            assert out["pred"][i].item() == max(range(len(rows)), key=norm.__getitem__)
+            assert out["correct_norm"][i].item() == float(max(range(len(rows)), key=norm.__getitem__) == gold)
+            assert out["correct_sum"][i].item() == float(max(range(len(rows)), key=logps.__getitem__) == gold)
+            assert torch.equal(out["correct"], out["correct_norm"])
+            checked += 1
+    assert checked == len(examples)
+
+
+def test_scores_do_not_depend_on_the_batch_an_item_is_in(tiny_model, tokenizer):
+    _, items = passage_items(tokenizer)
+    together = score_batch(tiny_model, next(iter(eval_loader(items, 0, tokenizer.pad_token_id, batch_size=13))))
+    ordered = sorted(items, key=len, reverse=True)  # the loader's order
+    for k in (0, 7, 12):
+        alone = score_batch(tiny_model, next(iter(eval_loader([ordered[k]], 0, tokenizer.pad_token_id, 1))))
+        assert alone["gold_loss_sum"][0].item() == pytest.approx(together["gold_loss_sum"][k].item(), rel=1e-4)
+
+
+def test_unlabelled_items_score_but_are_never_correct(tiny_model, tokenizer):
+    _, items = passage_items(tokenizer)
+    batch = next(iter(eval_loader(items[:3], 0, tokenizer.pad_token_id, batch_size=3)))
+    batch["gold"] = torch.full_like(batch["gold"], -1)
+    out = score_batch(tiny_model, batch)
+    assert out["correct"].tolist() == [0.0] * 3 and out["gold_tokens"].tolist() == [0.0] * 3
+    assert out["pred"].min() >= 0
+
+
+def test_sum_and_length_normalised_scoring_differ_as_documented(tokenizer):
+    # A model with a zero LM head gives every token the same probability 1/V: the summed log-likelihood
+    # prefers the answer with the fewest tokens, the per-character one the answer with the most characters.
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    torch.nn.init.zeros_(model.lm_head.weight)
+    example = Example("t", None, "Pick one.", ["cat", "internationalization"], 1)
+    item = encode_examples([example], tokenizer, "science", 64)[0]
+    assert len(item.choices[0]) < len(item.choices[1])
+    out = score_batch(model, next(iter(eval_loader([item], 0, tokenizer.pad_token_id, 1))))
+    assert out["correct_sum"].item() == 0.0
+    assert out["correct_norm"].item() == 1.0
+
+
+def test_evaluate_reports_per_task_accuracy_and_the_macro_average(tiny_model, tokenizer, tmp_path):
+    story = tmp_path / "story" / "test.jsonl"
+    story.parent.mkdir()
+    story.write_text('{"context": "Ann has a red ball.", "question": "What colour is the ball?", '
+                     '"choices": ["red", "blue"], "label": 0}\n' * 3)  # fmt: skip
+    tiny_model.train()
+    result = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK, str(story.parent)], split="test", limit=5)
+    assert tiny_model.training  # restored
+    assert set(result["accuracy"]) == {"example_task", "story"}
+    assert result["metrics"]["example_task"]["num_items"] == 5
+    assert result["metrics"]["story"]["num_items"] == 3
+    assert result["accuracy"]["story"] in (0.0, 1.0)  # three copies of one item
+    assert result["macro_accuracy"] == pytest.approx(sum(result["accuracy"].values()) / 2)
+    for metrics in result["metrics"].values():
+        for key in ("accuracy_sum", "accuracy_norm", "accuracy_token_norm"):
+            assert 0.0 <= metrics[key] <= 1.0
+    assert result["headline"] == "accuracy_norm"
+
+
+def test_evaluate_agrees_with_the_datamodule_loaders(tiny_model, tokenizer, tmp_path):
+    dm = MultiTaskDataModule([EXAMPLE_TASK], model_name_or_path=TOKENIZER, eval_batch_size=3, max_eval_examples=10,
+                             max_length=512, cache_dir=str(tmp_path))  # fmt: skip
+    correct = [score_batch(tiny_model, batch)["correct"] for batch in dm.test_dataloader()[0]]
+    result = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK], limit=10, share_prompt=True)
+    assert result["accuracy"]["example_task"] == pytest.approx(torch.cat(correct).mean().item())
+
+
+def test_generation_mode_extracts_an_answer(tiny_model, tokenizer):
+    result = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK], split="validation", method="generate", max_new_tokens=4)
+    assert result["headline"] == "accuracy_generate"
+    assert 0.0 <= result["accuracy"]["example_task"] <= 1.0
+    assert result["metrics"]["example_task"]["num_items"] == 12
+
+
+def test_empty_split_is_an_error(tiny_model, tokenizer, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "test.jsonl").write_text("\n")
+    with pytest.raises(TaskDataError, match="split 'test' is empty"):
+        evaluate(tiny_model, tokenizer, [str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("honey", 1),
+        (" Honey.", 1),
+        ("honey bees make it", 1),
+        ("the milk of bees", 0),
+        ("B", 1),
+        ("(A) milk", 0),
+        ("nothing like it", -1),
+    ],
+)
+def test_extract_choice(text, expected):
+    assert extract_choice(text, ["milk", "honey", "royal honey jelly"], lettered=True) == expected
+
+
+def test_extract_choice_prefers_the_longest_matching_choice():
+    assert extract_choice("royal honey jelly, of course", ["royal", "royal honey jelly"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA_DIR / "allenai__ai2_arc").is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
+def test_embedded_smollm2_zero_shot_arc_easy_is_well_above_chance():
+    from mosld.models import load_base_model
+
+    model = load_base_model(TOKENIZER)
+    result = evaluate(model, load_tokenizer(TOKENIZER), ["arc_easy"], data_dir=str(DATA_DIR), limit=200)
+    # Full test split: see docs/zero_shot.md; 200 items keep this test to a few minutes on 2 cores.
+    assert result["accuracy"]["arc_easy"] >= 0.50

@@ -1,0 +1,79 @@
+import math
+from collections import Counter
+
+import pytest
+
+from mosld.data.sampling import TemperatureSampler, temperature_probabilities
+
+
+def test_probabilities_follow_n_to_the_one_over_t():
+    sizes = [900, 100, 16]
+    assert temperature_probabilities(sizes, 1.0) == pytest.approx([n / 1016 for n in sizes])
+    roots = [30.0, 10.0, 4.0]  # sqrt of the sizes: T = 2
+    assert temperature_probabilities(sizes, 2.0) == pytest.approx([r / 44.0 for r in roots])
+    assert temperature_probabilities(sizes, math.inf) == pytest.approx([1 / 3] * 3)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_rejects_non_positive_temperature(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        temperature_probabilities([10, 20], bad)
+
+
+def test_rejects_an_empty_task():
+    with pytest.raises(ValueError, match="sizes"):
+        TemperatureSampler([10, 0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+def test_task_frequencies_match_temperature_within_sampling_error(temperature):
+    sizes = [2000, 300, 40]
+    draws = 30000
+    sampler = TemperatureSampler(sizes, temperature, num_samples=draws, seed=3)
+    offsets = [0, 2000, 2300, 2340]
+    counts = Counter(next(t for t in range(3) if offsets[t] <= i < offsets[t + 1]) for i in sampler)
+    expected = [n ** (1 / temperature) for n in sizes]
+    for task, p in enumerate(e / sum(expected) for e in expected):
+        sigma = math.sqrt(draws * p * (1 - p))
+        assert abs(counts[task] - draws * p) < 4 * sigma, (task, counts, p)
+
+
+def test_a_task_is_covered_before_any_example_repeats():
+    sampler = TemperatureSampler([50], num_samples=120, seed=1)
+    indices = list(sampler)
+    assert sorted(indices[:50]) == list(range(50))
+    assert sorted(indices[50:100]) == list(range(50))
+    assert indices[:50] != indices[50:100]  # reshuffled each pass
+
+
+def test_deterministic_given_seed_and_epoch():
+    a, b = TemperatureSampler([30, 70], seed=5), TemperatureSampler([30, 70], seed=5)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(TemperatureSampler([30, 70], seed=6)) != list(b)
+
+
+def test_two_ranks_get_disjoint_shards_that_together_are_the_epoch():
+    sizes, num_samples = [40, 17, 9], 65  # odd: one draw is dropped so both ranks get 32
+    ranks = [TemperatureSampler(sizes, 2.0, num_samples, seed=11, rank=r, world_size=2) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(4)
+    shards = [list(s) for s in ranks]
+    assert len(shards[0]) == len(shards[1]) == len(ranks[0]) == 32
+    full = ranks[0].global_indices()
+    assert full == ranks[1].global_indices()  # every rank draws the same global sequence
+    # Disjoint positions of that sequence, and together all of it but the dropped remainder.
+    interleaved = [i for pair in zip(*shards, strict=True) for i in pair]
+    assert interleaved == full[:64]
+    # One pass over a single task repeats no example, so there the shards are disjoint, complete sets.
+    first, second = (set(TemperatureSampler([64], seed=2, rank=r, world_size=2)) for r in range(2))
+    assert not first & second
+    assert first | second == set(range(64))
+
+
+def test_rank_must_be_below_world_size():
+    with pytest.raises(ValueError, match="rank"):
+        TemperatureSampler([5], rank=2, world_size=2)
