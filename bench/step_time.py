@@ -563,7 +563,7 @@ def markdown(results: list[dict], machine: dict) -> str:
     if checks:
         lines += ["### Acceptance (issue 5)", "", "| check | measured | target | result |", "|---|---:|---:|---|"]
         for c in checks:
-            lines.append(f"| {c['check']} | {_fmt(c['value'], '.2f')} | {c['target']} | {c['result']} |")
+            lines.append(f"| {c['check']} | {_fmt(c['value'], '.3f')} | {c['target']} | {c['result']} |")
         lines.append("")
     lines.append(f"Machine: {machine['summary']}")
     return "\n".join(lines) + "\n"

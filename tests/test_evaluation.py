@@ -175,5 +175,6 @@ def test_embedded_smollm2_zero_shot_arc_easy_is_well_above_chance():
 
     model = load_base_model(TOKENIZER)
     result = evaluate(model, load_tokenizer(TOKENIZER), ["arc_easy"], data_dir=str(DATA_DIR), limit=200)
-    # Full test split: see docs/zero_shot.md; 200 items keep this test to a few minutes on 2 cores.
-    assert result["accuracy"]["arc_easy"] >= 0.50
+    # 200 seeded items keep this to a few minutes on 2 cores; they score 0.47 (95% interval +-0.07),
+    # the full test split 0.511 (docs/zero_shot.md). Chance is 0.25; a lettered prompt scores ~0.23.
+    assert result["accuracy"]["arc_easy"] >= 0.40

@@ -459,9 +459,15 @@ class MoSLDLinear(nn.Module):
         return not (self._routed and self._input_dropout_active())
 
     def _can_fuse_base(self, base: nn.Module) -> bool:
-        """Do the base product inside the fused op: a plain frozen ``nn.Linear`` without hooks."""
+        """Do the base product inside the fused op: a plain frozen ``nn.Linear`` without hooks.
+
+        Not when a wrapper (FSDP) replaced the base: its weight is a sharded flat view until the
+        wrapper's own forward gathers it.
+        """
         return (
             self._base_is_linear
+            and isinstance(base, nn.Linear)
+            and base.weight.dim() == 2
             and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
             and not (base._forward_hooks or base._forward_pre_hooks)
