@@ -278,6 +278,7 @@ class Runner:
     memory: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     compiled: bool = False
+    compile_info: dict[str, int] = field(default_factory=dict)
 
     def fail(self, stage: str, err: BaseException) -> None:
         kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) else type(err).__name__
@@ -420,10 +421,21 @@ def run(
                     # Regional compilation: every decoder layer compiled; identical layers share one graph.
                     for layer in decoder_layers(clone.model):
                         layer.compile(dynamic=False)
+                    from torch._dynamo.utils import counters
+
+                    counters.clear()
                     t0 = time.perf_counter()
                     train_step(clone, ids)  # compiles forward and backward
                     sync(device)
-                    log(f"{shape.name}: compiled {clone.name} in {time.perf_counter() - t0:.1f} s")
+                    # graph breaks or extra graphs would put eager ops and guard checks back in the step
+                    clone.compile_info = {
+                        "graph_breaks": sum(counters["graph_break"].values()),
+                        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+                    }
+                    log(
+                        f"{shape.name}: compiled {clone.name} in {time.perf_counter() - t0:.1f} s "
+                        f"{clone.compile_info}; breaks: {dict(counters['graph_break'])}"
+                    )
                 except Exception as err:  # noqa: BLE001
                     clone.fail("compile", err)
             phase_runners.append(clone)
@@ -497,9 +509,52 @@ def _phase(
             entry.update({f"mem_{k}_mib": v / 2**20 for k, v in runner.memory.items()})
         if runner.error:
             entry["error"] = runner.error
+        if runner.compile_info:
+            entry["compile"] = runner.compile_info
         variants[runner.name] = entry
+    for runner in runners:
+        if runner.name in PROFILE_VARIANTS and runner.model is not None:
+            try:
+                PROFILES.append(profile_step(runner, ids, device, f"{shape.name} {mode}"))
+            except Exception as err:  # noqa: BLE001 - a diagnostic must not cost the results
+                PROFILES.append(f"## {shape.name} {mode} {runner.name}: profiling failed: {err!r}\n")
     _add_ratios(variants)
     return {"shape": shape.name, "mode": mode, "device": device.type, "variants": variants}
+
+
+PROFILE_VARIANTS: set[str] = set()  # --profile
+PROFILES: list[str] = []  # profile_step's reports, written to profiles.txt
+
+
+def profile_step(runner: Runner, ids: torch.Tensor, device: torch.device, tag: str) -> str:
+    """One step under torch.profiler: the top ops by device and by host time, and both totals.
+
+    When the host total is near the step time and the device total well below it, the step is
+    bound by the host's per-op cost (eager dispatch), not by the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    train_step(runner, ids)
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train_step(runner, ids)
+        sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    device_total = sum(getattr(e, device_key, 0) for e in events) / 1e3
+    host_total = sum(e.self_cpu_time_total for e in events) / 1e3
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    text = [
+        f"## {tag} {runner.name}{' (compiled)' if runner.compiled else ''}: profiled step {1e3 * wall:.1f} ms wall, "
+        f"self device time {device_total:.1f} ms, self host time {host_total:.1f} ms, {ops} aten op calls",
+    ]
+    if device.type == "cuda":
+        text.append(events.table(sort_by=device_key, row_limit=25, max_name_column_width=60))
+    text.append(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    return "\n".join(text) + "\n"
 
 
 def _iqr(values: list[float]) -> float:
@@ -647,6 +702,10 @@ def write_outputs(
     results: list[dict], machine: dict, args: argparse.Namespace, json_path: Path | None, md_path: Path | None
 ) -> str:
     text = markdown(results, machine)
+    folder = json_path.parent if json_path is not None else (md_path.parent if md_path is not None else None)
+    if PROFILES and folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "profiles.txt").write_text("\n".join(PROFILES))
     payload = {
         "machine": machine,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -703,6 +762,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out-dir", type=Path, default=None, help="suite output folder (results.json, results.md)")
     parser.add_argument(
+        "--profile",
+        default=None,
+        help="comma list of variants to profile for one step after timing, into profiles.txt beside the "
+        "results (suite default: floor,peft_d05,mosld; 'none' to skip)",
+    )
+    parser.add_argument(
         "--budget-s", type=float, default=360.0, help="suite: start no new compile or timing round after this"
     )
     return parser.parse_args(argv)
@@ -731,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(torch._dynamo.config, key, value)
     machine = machine_info(device)
     log(machine["summary"])
+    profile_spec = args.profile if args.profile is not None else ("floor,peft_d05,mosld" if args.gpu_suite else "none")
+    PROFILE_VARIANTS.update(v for v in profile_spec.split(",") if v and v != "none")
 
     if args.gpu_suite:
         if args.out_dir is None:
