@@ -77,3 +77,14 @@ def test_two_ranks_get_disjoint_shards_that_together_are_the_epoch():
 def test_rank_must_be_below_world_size():
     with pytest.raises(ValueError, match="rank"):
         TemperatureSampler([5], rank=2, world_size=2)
+
+
+def test_start_at_skips_into_this_ranks_shard_for_one_iteration_only():
+    sampler = TemperatureSampler([5, 7], temperature=2.0, num_samples=20, seed=3, rank=1, world_size=2)
+    shard = list(sampler)
+    sampler.start_at(4)
+    assert list(sampler) == shard[4:]
+    assert list(sampler) == shard  # the next epoch starts at its beginning
+    assert len(sampler) == 10
+    with pytest.raises(ValueError, match="position: expected 0 <= position <= 10"):
+        sampler.start_at(11)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
 from mosld.adapters.layer import is_adapter_parameter
@@ -127,3 +128,39 @@ def test_fit_logs_exports_checkpoints_adapters_only_and_resumes(tiny_model_dir, 
     assert [len(r["logprob"]) for r in rows] == [3, 2]
     for row in rows:
         assert row["prediction"] == max(range(len(row["logprob"])), key=row["logprob_per_char"].__getitem__)
+
+
+class BatchRecorder(Callback):
+    """Keeps the input ids of every training batch, keyed by the optimizer step it trains."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches[trainer.global_step] = batch["input_ids"].clone()
+
+
+def recorded(cli) -> dict[int, torch.Tensor]:
+    return next(c for c in cli.trainer.callbacks if type(c).__name__ == "BatchRecorder").batches
+
+
+def test_resume_mid_epoch_continues_the_epoch_where_the_checkpoint_left_off(tiny_model_dir, tmp_path):
+    # 40 samples per epoch in batches of 4: 10 batches an epoch. A 7-step run saves a checkpoint after
+    # step 3 (as a preempted job would have); resuming from it must train steps 3-6 on the same batches.
+    recorder = ["--trainer.callbacks+=test_training.BatchRecorder", "--data.max_eval_examples", "1"]
+    every_3 = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=3",
+        "--trainer.callbacks.save_top_k=-1",
+        f"--trainer.callbacks.dirpath={tmp_path / 'every_3'}",
+    ]
+    whole = main(tiny_run_args(tiny_model_dir, tmp_path, "--trainer.max_steps", "7", *recorder, *every_3))
+    mid_epoch = tmp_path / "every_3" / "epoch=0-step=3.ckpt"
+    assert mid_epoch.is_file(), sorted(p.name for p in (tmp_path / "every_3").iterdir())
+    resumed = main(
+        tiny_run_args(tiny_model_dir, tmp_path, "--trainer.max_steps", "7", *recorder, "--ckpt_path", str(mid_epoch))
+    )
+    expected, after = recorded(whole), recorded(resumed)
+    assert sorted(expected) == list(range(7)) and sorted(after) == [3, 4, 5, 6]
+    for step, batch in after.items():
+        assert torch.equal(batch, expected[step]), f"step {step} trained on a different batch after resuming"

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import astuple
 from pathlib import Path
 from typing import Literal
@@ -56,6 +56,47 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[list[int], list[int], int]:
         task_id, item = self.entries[index]
         return (*item.train_sequence(self.eos_id), task_id)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: a ``DataLoader`` that Lightning resumes mid-epoch where the checkpoint left off.
+
+    Lightning saves ``state_dict()`` in checkpoints and, when a fit resumes from one, calls
+    ``load_state_dict`` before iterating; the next iteration then starts the sampler after the batches
+    the trainer counts as consumed in the current epoch (``batches_done``, read from the trainer's
+    restored progress rather than counted here: Lightning fetches a batch ahead of the one it trains
+    on, and it is Lightning's count that decides where its epoch ends). A checkpoint saved mid-epoch
+    (``ModelCheckpoint(every_n_train_steps=...)``, a preempted job) so continues the same sample
+    order; without this, a resumed epoch would replay its first batches and never reach its last ones.
+    (A run that stopped at ``max_steps`` is, to Lightning, at the end of its epoch: resuming it
+    starts the next epoch, whose order this does not change.)
+
+    Args:
+        batches_done: Returns the number of batches of the current epoch already trained on.
+        *args, **kwargs: As for ``DataLoader``; ``sampler`` must be a ``TemperatureSampler``.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+        self._resuming = False
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("batch_size") != self.batch_size:
+            raise ValueError(
+                f"data.batch_size: the checkpoint was trained with batch size {state.get('batch_size')}, this run uses "
+                f"{self.batch_size}; resume with the same batch size, or start a new run from the exported adapter"
+            )
+        self._resuming = True
+
+    def __iter__(self):
+        if self._resuming:
+            self._resuming = False
+            self.sampler.start_at(min(self.batches_done() * self.batch_size, len(self.sampler)))
+        return super().__iter__()
 
 
 class TrainCollator:
@@ -279,14 +320,21 @@ class MultiTaskDataModule(L.LightningDataModule):
         sampler = TemperatureSampler(
             dataset.sizes, self.temperature, self.num_samples_per_epoch, self.seed, rank, world_size
         )
-        return DataLoader(
+        return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=TrainCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            batches_done=self._train_batches_done,
         )
+
+    def _train_batches_done(self) -> int:
+        """Training batches of the current epoch that the trainer has consumed (restored on resume)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def _eval_dataloaders(self, split: str) -> list[DataLoader]:
         rank, world_size = self._rank_world()

@@ -65,6 +65,17 @@ class TemperatureSampler(Sampler[int]):
             raise ValueError(f"num_samples: expected at least world_size = {world_size}, got {self.num_samples}")
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        self._start = 0  # see start_at
+
+    def start_at(self, position: int) -> None:
+        """Make the next ``__iter__`` skip the first ``position`` indices of this rank's shard (mid-epoch resume).
+
+        Later iterations start at the beginning again. ``len`` stays the whole epoch's, as Lightning's
+        loop counts the batches it has already consumed.
+        """
+        if not 0 <= position <= len(self):
+            raise ValueError(f"position: expected 0 <= position <= {len(self)} (this rank's epoch), got {position}")
+        self._start = position
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose index sequence ``__iter__`` yields (Lightning calls this every epoch)."""
@@ -89,7 +100,9 @@ class TemperatureSampler(Sampler[int]):
         return indices
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.global_indices()[self.rank : len(self) * self.world_size : self.world_size])
+        shard = self.global_indices()[self.rank : len(self) * self.world_size : self.world_size]
+        start, self._start = self._start, 0
+        return iter(shard[start:])
 
     def __len__(self) -> int:
         return self.num_samples // self.world_size
