@@ -324,3 +324,41 @@ def test_aux_loss_is_one_when_balanced_and_differentiable():
     loss.backward()
     assert loss.item() >= 1.0 - 1e-9
     assert next(iter(mosld.adapter_layers(model).values())).lora_router.weight.grad is not None
+
+
+def test_padding_is_left_out_of_router_stats_and_the_balancing_loss():
+    model = adapted("llama", "mosld", num_experts=4, top_k=2).eval()  # eval: no DropConnect noise
+    mosld.set_router_stats(model, True)
+    real = torch.randint(0, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # the second sequence is 5 tokens and 3 right-padding positions
+
+    def stats_with_padding(pad_ids: torch.Tensor) -> dict:
+        ids = real.clone()
+        ids[1, 5:] = pad_ids
+        model(input_ids=ids, attention_mask=mask)
+        return mosld.router_stats(model)
+
+    padded_a, padded_b = stats_with_padding(torch.tensor([1, 2, 3])), stats_with_padding(torch.tensor([60, 61, 62]))
+    model(input_ids=real[:1])  # the real tokens on their own: causal attention never looks at later padding
+    model(input_ids=real[1:, :5])
+    alone = mosld.router_stats(model)
+    for name, s in padded_a.items():
+        assert s["tokens"] == 13
+        for key in ("mean_prob", "load", "entropy"):
+            torch.testing.assert_close(s[key], padded_b[name][key])  # what sits in the padding does not count
+            torch.testing.assert_close(s[key], alone[name][key])
+    # without a mask every position counts (and the padding's content shows)
+    model(input_ids=real)
+    assert next(iter(mosld.router_stats(model).values()))["tokens"] == 16
+    mosld.set_router_stats(model, False)
+    assert model._forward_pre_hooks == {} and model._forward_hooks == {}  # nothing left on the hot path
+
+    model.train()
+    mosld.set_aux_loss(model, True)
+    torch.manual_seed(0)
+    model(input_ids=torch.where(mask.bool(), real, 1), attention_mask=mask)
+    loss_a = mosld.aux_loss(model)
+    torch.manual_seed(0)  # the same DropConnect masks
+    model(input_ids=torch.where(mask.bool(), real, 62), attention_mask=mask)
+    torch.testing.assert_close(loss_a, mosld.aux_loss(model))

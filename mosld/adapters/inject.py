@@ -142,10 +142,49 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def track_padding(model: nn.Module, enabled: bool) -> None:
+    """Give the adapter layers each forward's attention mask, so padding is left out of routing
+    statistics and the balancing loss (the layers themselves only see hidden states).
+
+    Hooks on ``model`` read the ``attention_mask`` keyword of each call (a (batch, positions) 0/1
+    mask, as Hugging Face causal LMs take it) and hand it to the layers for that call. Off, nothing
+    runs per forward. ``set_router_stats`` and ``set_aux_loss`` switch it as needed.
+    """
+    handles = model.__dict__.pop("_mosld_padding_hooks", None)
+    for handle in handles or ():
+        handle.remove()
+    layers = list(adapter_layers(model).values())
+    for layer in layers:
+        layer.token_mask = None
+    if not enabled:
+        return
+
+    def before(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        for layer in layers:
+            layer.token_mask = mask
+
+    def after(_module: nn.Module, _args: tuple, _kwargs: dict, _output: object) -> None:
+        for layer in layers:
+            layer.token_mask = None
+
+    model.__dict__["_mosld_padding_hooks"] = (
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    )
+
+
+def _update_padding_tracking(model: nn.Module) -> None:
+    layers = adapter_layers(model).values()
+    track_padding(model, any(m.collect_router_stats or m.compute_aux_loss for m in layers))
+
+
 def set_aux_loss(model: nn.Module, enabled: bool) -> None:
-    """Make every routed layer compute its load-balancing loss in training forwards."""
+    """Make every routed layer compute its load-balancing loss in training forwards (padding excluded)."""
     for layer in adapter_layers(model).values():
         layer.compute_aux_loss = enabled
+    _update_padding_tracking(model)
 
 
 def aux_loss(model: nn.Module) -> Tensor | None:
@@ -162,11 +201,13 @@ def set_router_stats(model: nn.Module, enabled: bool) -> None:
         layer.collect_router_stats = enabled
         if not enabled:
             layer.router_stats = None
+    _update_padding_tracking(model)
 
 
 def router_stats(model: nn.Module, reset: bool = True) -> dict[str, dict[str, Tensor]]:
     """Per routed layer: ``mean_prob`` (N,), ``load`` (N,) fraction of tokens whose top-k holds
-    each expert, ``entropy`` mean routing entropy (nats), ``tokens`` seen since the last reset."""
+    each expert, ``entropy`` mean routing entropy (nats), ``tokens`` seen since the last reset
+    (padding excluded when the forward passed an ``attention_mask`` keyword)."""
     out = {}
     for name, layer in adapter_layers(model).items():
         stats: RouterStats | None = layer.router_stats

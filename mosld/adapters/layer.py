@@ -63,12 +63,22 @@ class RouterStats:
         self.tokens = torch.zeros((), device=device)
 
     @torch.no_grad()
-    def update(self, probs: Tensor, gates: Tensor) -> None:
+    def update(self, probs: Tensor, gates: Tensor, token_weight: Tensor | None = None) -> None:
+        """Add one forward's (T, N) routing; ``token_weight`` (T,) 1 for real tokens, 0 for padding."""
         probs = probs.detach().float()
-        self.prob_sum += probs.sum(0)
-        self.selected += (gates.detach() > 0).sum(0).float()
-        self.entropy_sum -= (probs * probs.clamp_min(1e-12).log()).sum()
-        self.tokens += probs.shape[0]
+        selected = (gates.detach() > 0).float()
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)  # (T,)
+        if token_weight is None:
+            self.prob_sum += probs.sum(0)
+            self.selected += selected.sum(0)
+            self.entropy_sum += entropy.sum()
+            self.tokens += probs.shape[0]
+            return
+        w = token_weight.float()
+        self.prob_sum += w @ probs
+        self.selected += w @ selected
+        self.entropy_sum += w @ entropy
+        self.tokens += w.sum()
 
     def summary(self) -> dict[str, Tensor]:
         """Mean routing probabilities, fraction of tokens selecting each expert, mean entropy."""
@@ -346,6 +356,9 @@ class MoSLDLinear(nn.Module):
         self.router_stats: RouterStats | None = None
         self.aux_loss: Tensor | None = None  # set by forward when compute_aux_loss is on
         self.compute_aux_loss = False
+        # (batch, positions) attention mask of the model forward in progress, set by the model-level
+        # hook of ``mosld.adapters.inject.track_padding`` while statistics or the balancing loss are on
+        self.token_mask: Tensor | None = None
         self._plans: dict[tuple, _Plan] = {}  # see _plan
         # Fixed at construction; plain attributes because nn.Module's __getattr__ (submodules,
         # parameters) costs about a microsecond per lookup on the per-call path.
@@ -397,11 +410,17 @@ class MoSLDLinear(nn.Module):
         """Renormalised top-k gates (T, N) from router logits, without the full softmax."""
         return _topk_gates(logits, self.top_k)
 
-    def load_balancing_loss(self, probs: Tensor, gates: Tensor) -> Tensor:
+    def load_balancing_loss(self, probs: Tensor, gates: Tensor, token_weight: Tensor | None = None) -> Tensor:
         """Switch-style: ``N * sum_i f_i P_i``; f_i = share of the token-to-expert assignments
-        that go to expert i (no gradient), P_i = mean routing probability. 1.0 when uniform."""
-        assigned = (gates > 0).float().mean(0) / self.top_k  # (N,) sums to 1
-        return self.num_experts * (assigned.detach() * probs.mean(0)).sum()
+        that go to expert i (no gradient), P_i = mean routing probability. 1.0 when uniform.
+        ``token_weight`` (T,) leaves padding tokens (weight 0) out of both means."""
+        selected = (gates > 0).float()
+        if token_weight is None:
+            assigned, mean_prob = selected.mean(0), probs.mean(0)
+        else:
+            w = token_weight.to(probs.dtype) / token_weight.sum().clamp_min(1)
+            assigned, mean_prob = w.to(selected.dtype) @ selected, w @ probs
+        return self.num_experts * (assigned.detach() / self.top_k * mean_prob).sum()  # assigned / k sums to 1
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -514,8 +533,23 @@ class MoSLDLinear(nn.Module):
             return input_dtype
         return adapter_dtype
 
+    def _token_weight(self, leading_shape: torch.Size) -> Tensor | None:
+        """(T,) 1 for real tokens, 0 for padding, from ``token_mask``; None when it does not fit x.
+
+        x is (batch, positions, d_in); the mask covers the cached positions too, so its last
+        ``positions`` columns are this forward's tokens.
+        """
+        mask = self.token_mask
+        if mask is None or mask.dim() != 2 or len(leading_shape) != 2:
+            return None
+        batch, positions = leading_shape
+        if mask.shape[0] != batch or mask.shape[1] < positions:
+            return None
+        return mask[:, mask.shape[1] - positions :].reshape(-1)
+
     def _gated_codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The gate-scaled codes of all experts (T, num_b*r) and B, both in the compute dtype."""
+        leading_shape = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (T, d_in)
         dtype = self.compute_dtype(x.dtype)
         x = x.to(dtype)
@@ -539,11 +573,16 @@ class MoSLDLinear(nn.Module):
         gates = self.gates(logits).to(codes.dtype)  # under autocast softmax returns fp32
         if self.collect_router_stats or (self.compute_aux_loss and self.training):
             probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            token_weight = self._token_weight(leading_shape)
             if self.collect_router_stats:
                 if self.router_stats is None:
                     self.router_stats = RouterStats(self.num_experts, x.device)
-                self.router_stats.update(probs, gates)
-            self.aux_loss = self.load_balancing_loss(probs, gates) if self.compute_aux_loss and self.training else None
+                self.router_stats.update(probs, gates, token_weight)
+            self.aux_loss = (
+                self.load_balancing_loss(probs, gates, token_weight)
+                if self.compute_aux_loss and self.training
+                else None
+            )
         else:
             self.aux_loss = None
         return self._gate_codes(codes, gates), weight_b
