@@ -170,11 +170,14 @@ def test_extract_choice_prefers_the_longest_matching_choice():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA_DIR / "allenai__ai2_arc").is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
-def test_embedded_smollm2_zero_shot_arc_easy_is_well_above_chance():
+def test_embedded_smollm2_zero_shot_arc_easy_cloze_is_well_above_chance_and_lettered_is_not():
     from mosld.models import load_base_model
 
-    model = load_base_model(TOKENIZER)
-    result = evaluate(model, load_tokenizer(TOKENIZER), ["arc_easy"], data_dir=str(DATA_DIR), limit=200)
-    # 200 seeded items keep this to a few minutes on 2 cores; they score 0.47 (95% interval +-0.07),
-    # the full test split 0.511 (docs/zero_shot.md). Chance is 0.25; a lettered prompt scores ~0.23.
-    assert result["accuracy"]["arc_easy"] >= 0.40
+    model, tokenizer = load_base_model(TOKENIZER), load_tokenizer(TOKENIZER)
+    run = dict(data_dir=str(DATA_DIR), limit=200)
+    cloze = evaluate(model, tokenizer, ["arc_easy"], **run)["accuracy"]["arc_easy"]
+    lettered = evaluate(model, tokenizer, ["arc_easy"], templates={"arc_easy": "science_lettered"}, **run)
+    # On the full test split the headline is 0.511 (docs/zero_shot.md: 20+ min on 2 cores, too long for a test);
+    # on this fixed 200-item sample 0.47. Chance is 0.25; the lettered prompt sits at chance for a 135M model.
+    assert cloze >= 0.45
+    assert lettered["accuracy"]["arc_easy"] <= 0.35
