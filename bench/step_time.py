@@ -535,6 +535,7 @@ def profile_step(runner: Runner, ids: torch.Tensor, device: torch.device, tag: s
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    syncs = count_host_syncs(runner, ids) if device.type == "cuda" else None
     train_step(runner, ids)
     sync(device)
     start = time.perf_counter()
@@ -549,12 +550,36 @@ def profile_step(runner: Runner, ids: torch.Tensor, device: torch.device, tag: s
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
     text = [
         f"## {tag} {runner.name}{' (compiled)' if runner.compiled else ''}: profiled step {1e3 * wall:.1f} ms wall, "
-        f"self device time {device_total:.1f} ms, self host time {host_total:.1f} ms, {ops} aten op calls",
+        f"self device time {device_total:.1f} ms, self host time {host_total:.1f} ms, {ops} aten op calls"
+        + ("" if syncs is None else f", {len(syncs)} host-device syncs"),
     ]
+    text += [f"  sync: {where}" for where in sorted(set(syncs or []))[:10]]
     if device.type == "cuda":
         text.append(events.table(sort_by=device_key, row_limit=25, max_name_column_width=60))
     text.append(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     return "\n".join(text) + "\n"
+
+
+def count_host_syncs(runner: Runner, ids: torch.Tensor) -> list[str]:
+    """One step under CUDA's sync debug mode: the operations that made the host wait for the GPU.
+
+    A sync in the forward or backward (``.item()``, a data-dependent shape) stalls the launch queue,
+    which on a launch-bound step costs far more than the kernel itself.
+    """
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(runner, ids)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    return [
+        f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}: {str(w.message)[:80]}" for w in caught if "sync" in str(w.message)
+    ]
 
 
 def _iqr(values: list[float]) -> float:
