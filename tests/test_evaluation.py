@@ -1,7 +1,6 @@
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import EMBEDDED, EXAMPLE_TASK, SHARED_DATA, TEST_TOKENIZER
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mosld.data import MultiTaskDataModule, encode_examples, load_task
@@ -10,15 +9,8 @@ from mosld.data.tasks import Example, TaskDataError
 from mosld.evaluation import evaluate, extract_choice, score_batch, supports_prompt_sharing
 from mosld.models import load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_TASK = str(REPO / "data" / "example_task")
-DATA_DIR = REPO.parent / "shared" / "data"
-TOKENIZER = "embedded:smollm2-135m"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER)
+DATA_DIR = SHARED_DATA
+TOKENIZER = TEST_TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +165,7 @@ def test_extract_choice_prefers_the_longest_matching_choice():
 def test_embedded_smollm2_zero_shot_arc_easy_cloze_is_well_above_chance_and_lettered_is_not():
     from mosld.models import load_base_model
 
-    model, tokenizer = load_base_model(TOKENIZER), load_tokenizer(TOKENIZER)
+    model, tokenizer = load_base_model(EMBEDDED), load_tokenizer(EMBEDDED)
     run = dict(data_dir=str(DATA_DIR), limit=200)
     cloze = evaluate(model, tokenizer, ["arc_easy"], **run)["accuracy"]["arc_easy"]
     lettered = evaluate(model, tokenizer, ["arc_easy"], templates={"arc_easy": "science_lettered"}, **run)
