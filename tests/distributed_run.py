@@ -18,6 +18,7 @@ from mosld import AdapterConfig
 from mosld.adapters import adapter_state_dict
 from mosld.data import MultiTaskDataModule
 from mosld.training import AdapterExport, AdapterFSDPStrategy, MoSLDModule
+from mosld.training.cli import end_distributed
 
 
 def main() -> None:
@@ -86,6 +87,7 @@ def main() -> None:
         },
         out / f"rank{trainer.global_rank}.pt",
     )
+    end_distributed()
 
 
 if __name__ == "__main__":

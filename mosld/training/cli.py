@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.distributed as dist
 from lightning.pytorch.cli import LightningCLI
 
 from ..adapters import AdapterConfig
@@ -37,6 +38,17 @@ class MoSLDCLI(LightningCLI):
                     f"data.tasks: {task!r} is neither a known task ({', '.join(KNOWN_TASKS)}) "
                     "nor an existing task file or folder"
                 )
+
+
+def end_distributed() -> None:
+    """Tear down the process group Lightning leaves up after a multi-process run.
+
+    Left to the interpreter's exit, gloo's threads can be destroyed while still joinable, which aborts
+    the process (``terminate called without an active exception``, exit -6) after a run that succeeded.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(args: list[str] | None = None) -> MoSLDCLI:
