@@ -32,7 +32,8 @@ def _argmax_per_item(scores: Tensor, item_index: Tensor, choice_index: Tensor, n
     return table.argmax(dim=1)
 
 
-def _forward_kwargs(model: torch.nn.Module) -> set[str]:
+def forward_parameters(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters of ``model.forward`` (empty when they cannot be read)."""
     forward = getattr(model, "forward", None)
     try:
         return set(inspect.signature(forward).parameters)
@@ -42,7 +43,7 @@ def _forward_kwargs(model: torch.nn.Module) -> set[str]:
 
 def supports_prompt_sharing(model: torch.nn.Module) -> bool:
     """Whether the model takes a KV cache, position ids and ``logits_to_keep`` (Hugging Face causal LMs do)."""
-    params = _forward_kwargs(model)
+    params = forward_parameters(model)
     return {"position_ids", "logits_to_keep"} <= params and bool({"cache", "past_key_values"} & params)
 
 
@@ -51,7 +52,7 @@ def _choice_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     kwargs = {}
-    if "logits_to_keep" in _forward_kwargs(model):
+    if "logits_to_keep" in forward_parameters(model):
         # Logits only at columns that predict an answer token: the LM head is a fifth of a small model's cost.
         keep = mask.any(dim=0).nonzero().squeeze(1)
         targets, mask = targets[:, keep], mask[:, keep]
@@ -76,7 +77,7 @@ def _choice_logprobs_shared_prompt(model: torch.nn.Module, batch: dict[str, Tens
     source = torch.arange(int(prompt_len.max()), device=device) - (prompt_len.max() - prompt_len)[:, None]
     prompt_mask = (source >= 0).long()
     prompt_ids = ids[first].gather(1, source.clamp(min=0))
-    cache_arg = "cache" if "cache" in _forward_kwargs(model) else "past_key_values"
+    cache_arg = "cache" if "cache" in forward_parameters(model) else "past_key_values"
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=source.clamp(min=0), use_cache=True,
         logits_to_keep=1,

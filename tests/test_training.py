@@ -164,3 +164,41 @@ def test_resume_mid_epoch_continues_the_epoch_where_the_checkpoint_left_off(tiny
     assert sorted(expected) == list(range(7)) and sorted(after) == [3, 4, 5, 6]
     for step, batch in after.items():
         assert torch.equal(batch, expected[step]), f"step {step} trained on a different batch after resuming"
+
+
+def test_loss_from_answer_position_logits_equals_the_models_own_loss_and_gradients():
+    from types import SimpleNamespace
+
+    from conftest import tiny_model
+
+    import mosld
+    from mosld.data.datamodule import TrainCollator
+    from mosld.training.module import answer_logits_loss
+
+    model = mosld.inject_adapters(
+        tiny_model("llama"), mosld.AdapterConfig(method="mosld", num_experts=4, target_modules=("q_proj", "v_proj"))
+    )
+    for layer in mosld.adapter_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    rows = [  # (ids, labels): prompts masked with -100, answers of different lengths, then padding
+        ([5, 6, 7, 8, 9, 10], [-100, -100, -100, -100, 9, 10]),
+        ([11, 12, 13], [-100, -100, 13]),
+        ([14, 15, 16, 17, 18, 19, 20, 21], [-100, -100, -100, 17, 18, 19, 20, 21]),
+    ]
+    batch = TrainCollator(pad_id=0)([(ids, labels, 0) for ids, labels in rows])
+    assert batch["loss_positions"].tolist() == [[3, 4, 0, 0, 0], [1, 0, 0, 0, 0], [2, 3, 4, 5, 6]]
+    assert batch["loss_targets"].tolist() == [[9, 10, -100, -100, -100], [13] + [-100] * 4, [17, 18, 19, 20, 21]]
+
+    sliced = answer_logits_loss(model, batch)
+    grads_sliced = torch.autograd.grad(sliced, [p for p in model.parameters() if p.requires_grad])
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    grads_full = torch.autograd.grad(full, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(sliced, full.float(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_sliced, grads_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+    class FullLogitsOnly(torch.nn.Module):  # a model that ignores a 2-D logits_to_keep
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            return SimpleNamespace(logits=model(input_ids=input_ids, attention_mask=attention_mask).logits)
+
+    assert answer_logits_loss(FullLogitsOnly(), batch) is None

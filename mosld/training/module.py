@@ -11,13 +11,36 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..adapters import AdapterConfig, adapter_layers, aux_loss, count_parameters, inject_adapters, set_aux_loss
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
-from ..evaluation import score_batch, supports_prompt_sharing
+from ..evaluation import forward_parameters, score_batch, supports_prompt_sharing
 from ..models import load_base_model
+
+
+def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor | None:
+    """Mean cross-entropy over the answer tokens, projecting onto the vocabulary only where it counts.
+
+    ``batch["loss_positions"]`` (B, K) holds the positions whose next token is an answer token and
+    ``batch["loss_targets"]`` (B, K) those tokens (-100 where a row has fewer). The model is asked for
+    logits at those positions only (Hugging Face's ``logits_to_keep`` with a 2-D index tensor), so the
+    vocabulary projection and its backward run on K positions per row rather than on every prompt and
+    padding position; the loss equals the model's own ``labels=`` loss. Returns None when the model
+    does not return (B, K, vocab) logits for such an index (older transformers, remote code): the
+    caller then uses the full-logits path.
+    """
+    positions, targets = batch["loss_positions"], batch["loss_targets"]
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
+    ).logits
+    if logits.dim() != 3 or logits.shape[:2] != positions.shape:
+        return None
+    # fp32 like the models' own loss; mean over the answer tokens of the batch
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
 
 # Per-task sums accumulated over an evaluation epoch, reduced across ranks at its end.
 _SUMS = ("items", "correct", "correct_sum", "correct_norm", "gold_loss_sum", "gold_tokens")
@@ -63,6 +86,8 @@ class MoSLDModule(L.LightningModule):
         # Checkpoints hold only adapter tensors, so the frozen base keys are absent on load.
         self.strict_loading = False
         self._sums: dict[str, Tensor] = {}
+        # whether the model computes logits at the answer positions only (None: not tried yet)
+        self._answer_logits_only: bool | None = None
 
     def configure_model(self) -> None:
         """Load the base and inject adapters; runs once, inside the strategy's context (FSDP)."""
@@ -92,7 +117,16 @@ class MoSLDModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        lm_loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        lm_loss = None
+        if self._answer_logits_only is None:
+            self._answer_logits_only = "logits_to_keep" in forward_parameters(self.base)
+        if self._answer_logits_only and "loss_positions" in batch:
+            lm_loss = answer_logits_loss(self.model, batch)
+            if lm_loss is None:
+                self._answer_logits_only = False
+                rank_zero_info("the model ignores a 2-D logits_to_keep: logits are computed at every position")
+        if lm_loss is None:
+            lm_loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
         loss = lm_loss
         balance = aux_loss(self.base) if self.adapter_config.aux_loss_coef > 0 else None
         if balance is not None:
