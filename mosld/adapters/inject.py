@@ -142,21 +142,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def track_padding(model: nn.Module, enabled: bool) -> None:
-    """Give the adapter layers each forward's attention mask, so padding is left out of routing
-    statistics and the balancing loss (the layers themselves only see hidden states).
+def _track_padding(model: nn.Module, layers: list[MoSLDLinear]) -> None:
+    """Give the adapter layers each forward's attention mask while any of them collects routing
+    statistics or computes the balancing loss, so padding is left out of both (the layers themselves
+    only see hidden states).
 
     Hooks on ``model`` read the ``attention_mask`` keyword of each call (a (batch, positions) 0/1
-    mask, as Hugging Face causal LMs take it) and hand it to the layers for that call. Off, nothing
-    runs per forward. ``set_router_stats`` and ``set_aux_loss`` switch it as needed.
+    mask, as Hugging Face causal LMs take it) and hand it to the layers for that call. When neither
+    is on, no hook is left: nothing runs per forward. ``set_router_stats`` and ``set_aux_loss`` call it.
     """
-    handles = model.__dict__.pop("_mosld_padding_hooks", None)
-    for handle in handles or ():
+    for handle in model.__dict__.pop("_mosld_padding_hooks", ()):
         handle.remove()
-    layers = list(adapter_layers(model).values())
     for layer in layers:
         layer.token_mask = None
-    if not enabled:
+    if not any(m.collect_router_stats or m.compute_aux_loss for m in layers):
         return
 
     def before(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
@@ -175,16 +174,12 @@ def track_padding(model: nn.Module, enabled: bool) -> None:
     )
 
 
-def _update_padding_tracking(model: nn.Module) -> None:
-    layers = adapter_layers(model).values()
-    track_padding(model, any(m.collect_router_stats or m.compute_aux_loss for m in layers))
-
-
 def set_aux_loss(model: nn.Module, enabled: bool) -> None:
     """Make every routed layer compute its load-balancing loss in training forwards (padding excluded)."""
-    for layer in adapter_layers(model).values():
+    layers = list(adapter_layers(model).values())
+    for layer in layers:
         layer.compute_aux_loss = enabled
-    _update_padding_tracking(model)
+    _track_padding(model, layers)
 
 
 def aux_loss(model: nn.Module) -> Tensor | None:
@@ -197,11 +192,12 @@ def aux_loss(model: nn.Module) -> Tensor | None:
 
 def set_router_stats(model: nn.Module, enabled: bool) -> None:
     """Switch the collection of detached routing statistics on or off (off: nothing on the hot path)."""
-    for layer in adapter_layers(model).values():
+    layers = list(adapter_layers(model).values())
+    for layer in layers:
         layer.collect_router_stats = enabled
         if not enabled:
             layer.router_stats = None
-    _update_padding_tracking(model)
+    _track_padding(model, layers)
 
 
 def router_stats(model: nn.Module, reset: bool = True) -> dict[str, dict[str, Tensor]]:

@@ -68,13 +68,7 @@ class RouterStats:
         probs = probs.detach().float()
         selected = (gates.detach() > 0).float()
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)  # (T,)
-        if token_weight is None:
-            self.prob_sum += probs.sum(0)
-            self.selected += selected.sum(0)
-            self.entropy_sum += entropy.sum()
-            self.tokens += probs.shape[0]
-            return
-        w = token_weight.float()
+        w = probs.new_ones(probs.shape[0]) if token_weight is None else token_weight.float()
         self.prob_sum += w @ probs
         self.selected += w @ selected
         self.entropy_sum += w @ entropy
@@ -357,7 +351,7 @@ class MoSLDLinear(nn.Module):
         self.aux_loss: Tensor | None = None  # set by forward when compute_aux_loss is on
         self.compute_aux_loss = False
         # (batch, positions) attention mask of the model forward in progress, set by the model-level
-        # hook of ``mosld.adapters.inject.track_padding`` while statistics or the balancing loss are on
+        # hooks of ``mosld.adapters.inject._track_padding`` while statistics or the balancing loss are on
         self.token_mask: Tensor | None = None
         self._plans: dict[tuple, _Plan] = {}  # see _plan
         # Fixed at construction; plain attributes because nn.Module's __getattr__ (submodules,
@@ -416,10 +410,9 @@ class MoSLDLinear(nn.Module):
         ``token_weight`` (T,) leaves padding tokens (weight 0) out of both means."""
         selected = (gates > 0).float()
         if token_weight is None:
-            assigned, mean_prob = selected.mean(0), probs.mean(0)
-        else:
-            w = token_weight.to(probs.dtype) / token_weight.sum().clamp_min(1)
-            assigned, mean_prob = w.to(selected.dtype) @ selected, w @ probs
+            token_weight = probs.new_ones(probs.shape[0])
+        w = token_weight.to(probs.dtype) / token_weight.sum().clamp_min(1)  # (T,) sums to 1 over real tokens
+        assigned, mean_prob = w.to(selected.dtype) @ selected, w @ probs
         return self.num_experts * (assigned.detach() / self.top_k * mean_prob).sum()  # assigned / k sums to 1
 
     # ------------------------------------------------------------------ forward

@@ -82,7 +82,8 @@ class ResumableLoader(DataLoader):
         self._resuming = False
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batch_size": self.batch_size}
+        # where to resume comes from the trainer's own progress (see batches_done); the epoch too
+        return {"batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("batch_size") != self.batch_size:
