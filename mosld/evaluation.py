@@ -119,7 +119,7 @@ def score_batch(model: torch.nn.Module, batch: dict[str, Tensor], share_prompt: 
         log-likelihood of the choice) and ``choice_logprob_norm`` (divided by the choice's character length).
     """
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     score = _choice_logprobs_shared_prompt if share_prompt else _choice_logprobs
     seq_logp = score(model, batch)
     seq_tokens = (batch["labels"] != -100).sum(dim=1)

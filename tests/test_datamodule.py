@@ -132,8 +132,12 @@ def test_eval_batches_hold_whole_items_and_agree_with_training(tmp_path, tokeniz
     assert seen == 12
 
 
-def test_shards_are_disjoint_and_complete_across_ranks(tmp_path, story_task):
-    dm = make_dm(tmp_path, [EXAMPLE_TASK, story_task], eval_batch_size=2, num_samples_per_epoch=39)
+@pytest.mark.parametrize("group_batches", [1, 2])
+def test_shards_are_disjoint_and_complete_across_ranks(tmp_path, story_task, group_batches):
+    dm = make_dm(
+        tmp_path, [EXAMPLE_TASK, story_task], eval_batch_size=2, num_samples_per_epoch=39,
+        length_group_batches=group_batches,
+    )  # fmt: skip
     dm.setup()
     shards, train = [], []
     for rank in range(2):
@@ -151,7 +155,10 @@ def test_shards_are_disjoint_and_complete_across_ranks(tmp_path, story_task):
     assert len(train[0]) == len(train[1]) == 19
     sampler = dm.train_dataloader().sampler
     sampler.set_epoch(3)
-    assert [i for pair in zip(*train, strict=True) for i in pair] == list(sampler)[:38]
+    if group_batches == 1:  # rank r takes every second draw from r on
+        assert [i for pair in zip(*train, strict=True) for i in pair] == list(sampler)[:38]
+    else:  # the ranks share out the same draws (a multiset: examples can repeat within an epoch)
+        assert sorted(train[0] + train[1]) == sorted(sampler.global_indices()[:38])
 
 
 def test_training_order_depends_on_seed_and_epoch_only(tmp_path, story_task):

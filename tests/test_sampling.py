@@ -2,6 +2,7 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 
 from mosld.data.sampling import TemperatureSampler, temperature_probabilities
 
@@ -88,3 +89,47 @@ def test_start_at_skips_into_this_ranks_shard_for_one_iteration_only():
     assert len(sampler) == 10
     with pytest.raises(ValueError, match="position: expected 0 <= position <= 10"):
         sampler.start_at(11)
+
+
+def _grouped(lengths, world_size=1, rank=0, seed=0, epoch=0, num_samples=None, group_batches=4):
+    sampler = TemperatureSampler(
+        [len(lengths) // 2, len(lengths) - len(lengths) // 2], 1.0, num_samples, seed, rank, world_size,
+        lengths=lengths, batch_size=4, group_batches=group_batches,
+    )  # fmt: skip
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def _padding(order, lengths, batch_size=4):
+    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths[i] for i in order) / padded
+
+
+def test_length_grouping_keeps_the_draws_and_cuts_padding():
+    lengths = [int(x) for x in torch.randint(5, 250, (200,), generator=torch.Generator().manual_seed(0))]
+    grouped, plain = _grouped(lengths), _grouped(lengths, group_batches=1)
+    assert sorted(grouped) == sorted(plain)  # the same examples, only batched differently
+    assert _padding(list(grouped), lengths) < 0.5 * _padding(list(plain), lengths)
+    assert list(_grouped(lengths)) == list(grouped)  # deterministic per (seed, epoch)
+    assert list(_grouped(lengths, epoch=1)) != list(grouped)
+    # a pool of 4 batches holds the draws of 16 consecutive positions of the plain sequence
+    draws = plain.global_indices()
+    assert sorted(list(grouped)[:16]) == sorted(draws[:16])
+
+
+def test_length_grouped_shards_are_whole_batches_of_one_global_sequence():
+    lengths = [int(x) for x in torch.randint(5, 250, (90,), generator=torch.Generator().manual_seed(1))]
+    shards = [list(_grouped(lengths, world_size=2, rank=r, num_samples=90)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 45  # 5 full batches of 4 each, then the short tail dealt out
+    single = _grouped(lengths, world_size=2, num_samples=90)
+    assert sorted(shards[0] + shards[1]) == sorted(single.global_indices())
+
+
+def test_length_grouped_sampler_resumes_mid_epoch():
+    lengths = list(range(1, 81))
+    sampler = _grouped(lengths)
+    full = list(sampler)
+    sampler.start_at(12)
+    assert list(sampler) == full[12:]
+    assert list(sampler) == full  # only the next pass is shifted

@@ -50,6 +50,11 @@ class TrainDataset(Dataset):
         self.sizes = [len(items) for _, items in tasks]
         self.eos_id = eos_id
 
+    @property
+    def lengths(self) -> list[int]:
+        """Token length of every training sequence (prompt, gold answer, EOS), for length grouping."""
+        return [len(item.prompt) + len(item.choices[item.label]) + 1 for _, item in self.entries]
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -135,9 +140,9 @@ class EvalCollator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, batch: Sequence[tuple[EncodedItem, int]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Sequence[tuple[EncodedItem, int, str]]) -> dict[str, torch.Tensor | list[str]]:
         ids, labels, item_index, choice_index, chars = [], [], [], [], []
-        for i, (item, _) in enumerate(batch):
+        for i, (item, _, _) in enumerate(batch):
             for c in range(len(item.choices)):
                 seq, lab = item.choice_sequence(c)
                 ids.append(seq)
@@ -151,19 +156,34 @@ class EvalCollator:
             "labels": _pad(labels, IGNORE_INDEX),
             "item_index": torch.tensor(item_index, dtype=torch.long),
             "choice_index": torch.tensor(choice_index, dtype=torch.long),
-            "gold": torch.tensor([item.label for item, _ in batch], dtype=torch.long),
+            "gold": torch.tensor([item.label for item, _, _ in batch], dtype=torch.long),
             "choice_chars": torch.tensor(chars, dtype=torch.long),
-            "task_ids": torch.tensor([task_id for _, task_id in batch], dtype=torch.long),
+            "task_ids": torch.tensor([task_id for _, task_id, _ in batch], dtype=torch.long),
+            "item_ids": [item_id for _, _, item_id in batch],
         }
+
+
+def item_ids(examples: Sequence[Example]) -> list[str]:
+    """A stable id per item: a hash of its content (task, passage, question, choices, label), so the same
+    item has the same id in every run, whatever sample or order it was drawn in; repeats get ``#2``, ``#3``..."""
+    ids, seen = [], {}
+    for e in examples:
+        digest = hashlib.sha1(json.dumps(astuple(e)).encode()).hexdigest()[:12]
+        seen[digest] = seen.get(digest, 0) + 1
+        ids.append(digest if seen[digest] == 1 else f"{digest}#{seen[digest]}")
+    return ids
 
 
 def eval_loader(
     items: Sequence[EncodedItem], task_id: int, pad_id: int, batch_size: int, rank: int = 0, world_size: int = 1,
-    num_workers: int = 0,
+    num_workers: int = 0, ids: Sequence[str] | None = None,
 ) -> DataLoader:  # fmt: skip
-    """Loader over one task's items: longest first (less padding), then sharded ``rank::world_size``, no padding."""
-    ordered = sorted(items, key=len, reverse=True)
-    shard = [(item, task_id) for item in ordered[rank::world_size]]
+    """Loader over one task's items: longest first (less padding), then sharded ``rank::world_size``, no padding.
+
+    ``ids`` (default: the items' positions) name the items in predictions."""
+    ids = [str(i) for i in range(len(items))] if ids is None else list(ids)
+    ordered = sorted(zip(items, ids, strict=True), key=lambda pair: len(pair[0]), reverse=True)
+    shard = [(item, task_id, item_id) for item, item_id in ordered[rank::world_size]]
     return DataLoader(
         shard, batch_size=batch_size, shuffle=False, collate_fn=EvalCollator(pad_id), num_workers=num_workers
     )
@@ -221,6 +241,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         cache_dir: Tokenised-dataset cache; default ``<mosld cache>/tokenized`` (``$MOSLD_CACHE_DIR`` honoured).
         templates: Prompt template per task (task name -> template name), overriding the registry's choice.
         train_eval_only: Also train on evaluation-only tasks (BoolQ, whose local train split has no passages).
+        length_group_batches: Training batches per pool that is sorted by sequence length before it is cut
+            into batches (far less padding; the batches of a pool are then shuffled); 1 keeps the sampled order.
         predict_file: JSONL questions for ``predict`` in the user-task format (``label`` optional), scored in
             file order with the prompt template of the first task.
     """
@@ -243,6 +265,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         templates: dict[str, str] | None = None,
         train_eval_only: bool = False,
+        length_group_batches: int = 16,
         predict_file: str | None = None,
     ):
         super().__init__()
@@ -252,7 +275,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError("tasks: expected at least one task")
         if setting == "single" and len(tasks) != 1:
             raise ValueError(f"setting='single' trains on exactly one task; got {len(tasks)} tasks: {list(tasks)}")
-        for option, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for option, value in (
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("length_group_batches", length_group_batches),
+        ):
             if value < 1:
                 raise ValueError(f"{option}: expected a positive integer, got {value}")
         self.save_hyperparameters()
@@ -273,7 +300,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.data_dir, self.num_samples_per_epoch, self.num_workers = data_dir, num_samples_per_epoch, num_workers
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenized"
+        self.length_group_batches = length_group_batches
         self.predict_file = predict_file
+        self._item_ids: dict[tuple[int, str], list[str]] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._encoded: dict[tuple[int, str], list[EncodedItem]] = {}
 
@@ -293,10 +322,16 @@ class MultiTaskDataModule(L.LightningDataModule):
                 examples = seeded_sample(examples, self.max_train_examples, self.seed)
             else:
                 examples = seeded_sample(examples, self.max_eval_examples, EVAL_SAMPLE_SEED)
+            self._item_ids[key] = item_ids(examples)
             self._encoded[key] = encode_cached(
                 examples, self.tokenizer, self.templates[task_id], self.max_length, self.cache_dir
             )
         return self._encoded[key]
+
+    def item_ids(self, task_id: int, split: str) -> list[str]:
+        """Stable ids of ``encoded(task_id, split)``'s items, in the same order."""
+        self.encoded(task_id, split)
+        return self._item_ids[(task_id, split)]
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -331,8 +366,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         dataset = self.train_dataset()
         rank, world_size = self._rank_world()
         sampler = TemperatureSampler(
-            dataset.sizes, self.temperature, self.num_samples_per_epoch, self.seed, rank, world_size
-        )
+            dataset.sizes, self.temperature, self.num_samples_per_epoch, self.seed, rank, world_size,
+            lengths=dataset.lengths, batch_size=self.batch_size, group_batches=self.length_group_batches,
+        )  # fmt: skip
         return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
@@ -353,7 +389,16 @@ class MultiTaskDataModule(L.LightningDataModule):
         rank, world_size = self._rank_world()
         pad_id = self.tokenizer.pad_token_id
         return [
-            eval_loader(self.encoded(i, split), i, pad_id, self.eval_batch_size, rank, world_size, self.num_workers)
+            eval_loader(
+                self.encoded(i, split),
+                i,
+                pad_id,
+                self.eval_batch_size,
+                rank,
+                world_size,
+                self.num_workers,
+                ids=self.item_ids(i, split),
+            )  # fmt: skip
             for i in range(len(self.tasks))
         ]
 
@@ -370,7 +415,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         examples = load_predict_examples(self.predict_file)
         items = encode_examples(examples, self.tokenizer, self.templates[0], self.max_length)
         rank, world_size = self._rank_world()
-        shard = [(item, 0) for item in items[rank::world_size]]
+        shard = [(item, 0, str(i)) for i, item in enumerate(items)][rank::world_size]
         return DataLoader(
             shard, batch_size=self.eval_batch_size, shuffle=False, collate_fn=EvalCollator(self.tokenizer.pad_token_id)
         )

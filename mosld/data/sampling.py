@@ -30,6 +30,38 @@ def temperature_probabilities(sizes: Sequence[int], temperature: float) -> list[
     return [w / sum(weights) for w in weights]
 
 
+def length_grouped_batches(
+    indices: Sequence[int], lengths: Sequence[int], batch_size: int, pool_batches: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Cut ``indices`` into batches of sequences of similar length.
+
+    Consecutive pools of ``pool_batches * batch_size`` indices are each sorted by ``lengths[index]`` and cut
+    into batches, and the batches of a pool are shuffled, so that a batch is padded only to the longest of
+    a few similar sequences while the pools keep the sampler's order (and its task mixture) over the epoch.
+
+    Args:
+        indices: The sampler's index sequence.
+        lengths: Length of the sequence at each dataset index (what the collator pads to).
+        batch_size: Indices per batch; the last batch may be shorter.
+        pool_batches: Batches per pool; 1 keeps the order of ``indices``.
+        generator: Source of the batch shuffles.
+
+    Returns:
+        The batches, in training order.
+    """
+    pool_size = pool_batches * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(indices), pool_size):
+        pool = indices[start : start + pool_size]
+        if pool_batches > 1:
+            pool = sorted(pool, key=lambda i: lengths[i])  # stable: equal lengths keep their sampled order
+        chunk = [list(pool[b : b + batch_size]) for b in range(0, len(pool), batch_size)]
+        if pool_batches > 1:
+            chunk = [chunk[j] for j in torch.randperm(len(chunk), generator=generator).tolist()]
+        batches += chunk
+    return batches
+
+
 class TemperatureSampler(Sampler[int]):
     """Draws indices into the concatenation of several tasks' training sets.
 
@@ -38,6 +70,11 @@ class TemperatureSampler(Sampler[int]):
     global index sequence depends only on (seed, epoch), so it is identical on every rank; rank r takes
     positions r, r + W, r + 2W, ... of it, truncated so that every rank gets the same number of indices.
 
+    With ``lengths`` and ``group_batches > 1`` the sequence is instead cut into length-grouped global
+    batches (``length_grouped_batches``, pools of ``group_batches`` batches per rank) and rank r takes
+    batches r, r + W, ...: consecutive ``batch_size`` indices of a rank's shard are one batch of similar
+    lengths. A last global batch short of ``W * batch_size`` is dealt out evenly over the ranks.
+
     Args:
         sizes: Training examples per task; task i owns global indices ``sum(sizes[:i]) .. sum(sizes[:i+1]) - 1``.
         temperature: Sampling temperature T.
@@ -45,6 +82,9 @@ class TemperatureSampler(Sampler[int]):
         seed: Base seed, shared by all ranks.
         rank: This process's rank.
         world_size: Number of processes.
+        lengths: Sequence length of every global index, for length grouping.
+        batch_size: Per-rank batch size the loader cuts the shard into (length grouping only).
+        group_batches: Per-rank batches in each length-sorted pool; 1 turns grouping off.
     """
 
     def __init__(
@@ -55,6 +95,9 @@ class TemperatureSampler(Sampler[int]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        group_batches: int = 1,
     ):
         self.sizes = list(sizes)
         self.probabilities = temperature_probabilities(self.sizes, temperature)
@@ -63,6 +106,14 @@ class TemperatureSampler(Sampler[int]):
             raise ValueError(f"rank: expected 0 <= rank < world_size = {world_size}, got {rank}")
         if self.num_samples < world_size:
             raise ValueError(f"num_samples: expected at least world_size = {world_size}, got {self.num_samples}")
+        if group_batches < 1 or batch_size < 1:
+            raise ValueError(f"group_batches and batch_size: expected >= 1, got {group_batches} and {batch_size}")
+        self.grouped = group_batches > 1 and lengths is not None
+        if self.grouped:
+            if len(lengths) != sum(self.sizes):
+                raise ValueError(f"lengths: expected one per training example ({sum(self.sizes)}), got {len(lengths)}")
+        self.lengths = None if lengths is None else list(lengths)
+        self.batch_size, self.group_batches = batch_size, group_batches
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         self._start = 0  # see start_at
@@ -99,10 +150,24 @@ class TemperatureSampler(Sampler[int]):
             indices.append(offsets[task] + orders[task].pop())
         return indices
 
+    def shard(self) -> list[int]:
+        """This rank's indices of the current epoch, in order."""
+        indices = self.global_indices()
+        if not self.grouped:
+            return indices[self.rank : len(self) * self.world_size : self.world_size]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_919)
+        indices = indices[: len(self) * self.world_size]
+        full = len(indices) // (self.batch_size * self.world_size) * self.batch_size * self.world_size
+        batches = length_grouped_batches(
+            indices[:full], self.lengths, self.batch_size, self.group_batches * self.world_size, generator
+        )
+        # the last, short global batch is dealt out evenly, so that every rank gets len(self) indices
+        tail = sorted(indices[full:], key=lambda i: self.lengths[i])[self.rank :: self.world_size]
+        return [i for batch in batches[self.rank :: self.world_size] for i in batch] + tail
+
     def __iter__(self) -> Iterator[int]:
-        shard = self.global_indices()[self.rank : len(self) * self.world_size : self.world_size]
         start, self._start = self._start, 0
-        return iter(shard[start:])
+        return iter(self.shard()[start:])
 
     def __len__(self) -> int:
         return self.num_samples // self.world_size
