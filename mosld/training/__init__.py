@@ -10,6 +10,7 @@ from .callbacks import (
 )
 from .fsdp import AdapterFSDPStrategy
 from .module import MoSLDModule
+from .records import ItemPredictionWriter, TrainRecord
 
 __all__ = [
     "AdapterExport",
@@ -19,5 +20,7 @@ __all__ = [
     "ParameterCountCallback",
     "PredictionWriter",
     "RouterStatsCallback",
+    "ItemPredictionWriter",
+    "TrainRecord",
     "StepTimeProgressBar",
 ]

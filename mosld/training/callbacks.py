@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from ..adapters import router_stats, save_adapter, set_router_stats
+from ..adapters import adapter_layers, router_stats, save_adapter, set_router_stats
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
+from ..plots import heatmap_panels
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -35,22 +37,27 @@ def short_layer_name(name: str) -> str:
 class RouterStatsCallback(L.Callback):
     """Logs routing entropy and expert load to TensorBoard.
 
-    Statistics are collected only on the logged training steps and over each validation epoch,
-    so the training hot path pays nothing otherwise. Scalars: ``router/entropy`` (mean over
+    Statistics are collected only on the logged training steps and over each validation and test
+    epoch, so the training hot path pays nothing otherwise. Scalars: ``router/entropy`` (mean over
     layers), ``router/entropy/<layer>``, ``router/load/<layer>/e<i>`` (fraction of tokens whose
-    top-k holds expert i; sums to top_k) and ``router/load_max/<layer>``; images: a layer x
-    expert heat-map of the load. Validation statistics go under ``val_router/``.
+    top-k holds expert i; sums to top_k) and ``router/load_max/<layer>``; a histogram of the loads;
+    figures: a labelled layer x expert heat-map of the load (``router/load_heatmap``) and, for
+    evaluation, one panel per task (``val_router/load_by_task``). Validation statistics go under
+    ``val_router/``, test statistics under ``test_router/``; evaluation's per-task loads are also
+    written to ``<run dir>/<stage>_routing.json`` (task -> layer -> load per expert, tokens).
 
     Args:
         every_n_steps: Collect and log training statistics on every n-th optimizer step.
         per_expert_scalars: Also log each expert's load as its own scalar.
-        heatmap: Log the layer x expert load as an image.
+        heatmap: Log the heat-map figures.
     """
 
     def __init__(self, every_n_steps: int = 50, per_expert_scalars: bool = True, heatmap: bool = True) -> None:
         self.every_n_steps = every_n_steps
         self.per_expert_scalars = per_expert_scalars
         self.heatmap = heatmap
+        self._task_stats: dict[int, dict] = {}
+        self._current_task: int | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if (trainer.global_step + 1) % self.every_n_steps == 0 or trainer.global_step == 0:
@@ -62,25 +69,95 @@ class RouterStatsCallback(L.Callback):
             set_router_stats(pl_module.base, False)
             self._log(trainer, pl_module, stats, "router")
 
+    # Evaluation: statistics per dataloader (= task), read whenever the dataloader changes.
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         set_router_stats(pl_module.base, True)
+        self._task_stats, self._current_task = {}, None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._switch_task(pl_module, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        stats = router_stats(pl_module.base)
-        set_router_stats(pl_module.base, False)
-        if stats:
-            self._log(trainer, pl_module, stats, "val_router")
+        self._eval_epoch_end(trainer, pl_module, "val")
 
-    def _log(self, trainer, pl_module, stats: dict, prefix: str) -> None:
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_start = on_validation_batch_start
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._eval_epoch_end(trainer, pl_module, "test")
+
+    def _switch_task(self, pl_module, task: int | None) -> None:
+        if task != self._current_task:
+            if self._current_task is not None:
+                self._task_stats[self._current_task] = router_stats(pl_module.base)
+            self._current_task = task
+
+    def _eval_epoch_end(self, trainer, pl_module, stage: str) -> None:
+        self._switch_task(pl_module, None)
+        set_router_stats(pl_module.base, False)
+        routed = {n: m.num_experts for n, m in adapter_layers(pl_module.base).items() if m.lora_router is not None}
+        names = list(getattr(trainer.datamodule, "task_names", None) or range(len(self._task_stats)))
+        if not routed or not self._task_stats:
+            return
+        per_task = {}
+        for i, task in enumerate(names):
+            # token-weighted sums over ranks (the same collectives on every rank: a rank without items adds zeros)
+            entry = {}
+            for layer, n in routed.items():
+                s = self._task_stats.get(i, {}).get(layer)
+                tokens = s["tokens"] if s is not None else torch.zeros((), device=pl_module.device)
+                zeros = {"load": torch.zeros(n), "mean_prob": torch.zeros(n), "entropy": torch.zeros(())}
+                sums = {k: (s[k] * tokens if s is not None else z.to(pl_module.device)) for k, z in zeros.items()}
+                sums = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
+                tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+                entry[layer] = {k: v / tokens.clamp_min(1.0) for k, v in sums.items()} | {"tokens": tokens}
+            if any(float(e["tokens"]) > 0 for e in entry.values()):
+                per_task[str(task)] = entry
+        if not per_task:
+            return
+        combined = {}
+        for layer in routed:
+            parts = [e[layer] for e in per_task.values()]
+            tokens = sum(p["tokens"] for p in parts)
+            combined[layer] = {k: sum(p[k] * p["tokens"] for p in parts) / tokens.clamp_min(1.0)
+                               for k in ("load", "mean_prob", "entropy")} | {"tokens": tokens}  # fmt: skip
+        self._log(trainer, pl_module, combined, f"{stage}_router", reduce=False)
+        self._write_task_loads(run_dir(trainer), per_task, stage)
+        if self.heatmap:
+            self._log_task_figure(trainer, per_task, f"{stage}_router")
+
+    @rank_zero_only
+    def _write_task_loads(self, folder: Path, per_task: dict, stage: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            task: {layer: {"load": s["load"].tolist(), "mean_prob": s["mean_prob"].tolist(),
+                           "entropy": float(s["entropy"]), "tokens": int(s["tokens"])}
+                   for layer, s in entry.items()}
+            for task, entry in per_task.items()
+        }  # fmt: skip
+        (folder / f"{stage}_routing.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    @rank_zero_only
+    def _log_task_figure(self, trainer, per_task: dict, prefix: str) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_figure"):
+            return
+        panels = [
+            (task, *layer_expert_grid({k: s["load"] for k, s in entry.items()})) for task, entry in per_task.items()
+        ]
+        figure = heatmap_panels(panels, "expert", "fraction of tokens routed (top-k)", f"{prefix}: expert load by task")
+        experiment.add_figure(f"{prefix}/load_by_task", figure, trainer.global_step)
+
+    def _log(self, trainer, pl_module, stats: dict, prefix: str, reduce: bool = True) -> None:
         strategy = trainer.strategy
         metrics: dict[str, float] = {}
         rows = []
         entropies = []
         for name, s in stats.items():
             layer = short_layer_name(name)
-            # Ranks see different tokens: average their per-layer means.
-            load = strategy.reduce(s["load"], reduce_op="mean")
-            entropy = strategy.reduce(s["entropy"], reduce_op="mean")
+            # Ranks see different tokens: average their per-layer means (evaluation's come reduced).
+            load = strategy.reduce(s["load"], reduce_op="mean") if reduce else s["load"]
+            entropy = strategy.reduce(s["entropy"], reduce_op="mean") if reduce else s["entropy"]
             entropies.append(float(entropy))
             metrics[f"{prefix}/entropy/{layer}"] = float(entropy)
             metrics[f"{prefix}/load_max/{layer}"] = float(load.max())
@@ -92,32 +169,30 @@ class RouterStatsCallback(L.Callback):
         for logger in pl_module.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.heatmap:
-            self._log_heatmap(trainer, rows, prefix)
+            self._log_heatmap(trainer, {name: s["load"] for name, s in stats.items()}, prefix)
 
     @rank_zero_only
-    def _log_heatmap(self, trainer, rows: list[torch.Tensor], prefix: str) -> None:
+    def _log_heatmap(self, trainer, loads: dict[str, torch.Tensor], prefix: str) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image"):
+        if experiment is None or not hasattr(experiment, "add_figure"):
             return
-        width = max(len(r) for r in rows)
-        grid = torch.full((len(rows), width), float("nan"))
-        for i, r in enumerate(rows):
-            grid[i, : len(r)] = r
-        experiment.add_image(f"{prefix}/load_heatmap", load_heatmap_image(grid), trainer.global_step, dataformats="HWC")
-        experiment.add_histogram(f"{prefix}/load", torch.cat(rows), trainer.global_step)
+        grid, labels = layer_expert_grid(loads)
+        figure = heatmap_panels([(f"step {trainer.global_step}", grid, labels)], "expert",
+                                "fraction of tokens routed (top-k)", f"{prefix}: expert load per layer")  # fmt: skip
+        experiment.add_figure(f"{prefix}/load_heatmap", figure, trainer.global_step)
+        experiment.add_histogram(
+            f"{prefix}/load", torch.cat([v.float().cpu() for v in loads.values()]), trainer.global_step
+        )
 
 
-def load_heatmap_image(grid: torch.Tensor, cell: int = 8) -> torch.Tensor:
-    """Layer x expert loads -> an RGB image (H, W, 3) in [0, 1]; dark = idle, yellow = busy, grey = no expert."""
-    finite = torch.nan_to_num(grid, nan=0.0)
-    scaled = finite / finite.max().clamp_min(1e-9)
-    # a small dark-blue -> red -> yellow ramp, no plotting library needed
-    red = scaled.clamp(0, 0.5) * 2
-    green = (scaled - 0.5).clamp(0, 0.5) * 2
-    blue = 0.4 * (1 - scaled)
-    image = torch.stack([red, green, blue], dim=-1)
-    image[grid.isnan()] = 0.5
-    return image.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+def layer_expert_grid(loads: dict[str, torch.Tensor]) -> tuple[np.ndarray, list[str]]:
+    """Per-layer expert loads -> a (layers, max experts) matrix, NaN where a layer has fewer experts, and
+    the short layer names (``L03.q_proj``) as row labels."""
+    width = max(len(v) for v in loads.values())
+    grid = np.full((len(loads), width), np.nan)
+    for i, v in enumerate(loads.values()):
+        grid[i, : len(v)] = torch.as_tensor(v).float().cpu().numpy()
+    return grid, [short_layer_name(name) for name in loads]
 
 
 class ParameterCountCallback(L.Callback):

@@ -192,18 +192,20 @@ class MoSLDModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
 
-    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        """Adds the batch to the per-task sums; returns the per-item scores (for callbacks that keep them)."""
         scores = score_batch(self.model, batch, share_prompt=self._share_prompt)
         sums = self._sums
         sums["items"][dataloader_idx] += scores["correct"].numel()
         for key in ("correct", "correct_sum", "correct_norm", "gold_loss_sum", "gold_tokens"):
             sums[key][dataloader_idx] += scores[key].sum().double()
+        return {key: scores[key] for key in ("pred", "correct", "correct_sum", "correct_norm")}
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step(batch, dataloader_idx)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self._eval_step(batch, dataloader_idx)
 
     def eval_metrics(self, stage: str) -> dict[str, float]:
         """Per-task accuracy (headline, sum and length-normalised scoring), its 95% interval and

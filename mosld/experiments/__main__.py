@@ -1,0 +1,55 @@
+"""``python -m mosld.experiments sweep|aggregate ...``: run a protocol, and turn its records into a results page.
+
+python -m mosld.experiments sweep configs/experiments/cpu.yaml [--only method=mosld,seed=1] [--dry-run]
+python -m mosld.experiments aggregate configs/experiments/cpu.yaml [--out docs/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .aggregate import aggregate
+from .protocol import load_protocol, parse_only
+from .sweep import Sweep, SweepError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mosld.experiments", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    sweep = commands.add_parser("sweep", help="run the protocol's runs that have no record yet")
+    sweep.add_argument("protocol", help="a protocol file, e.g. configs/experiments/cpu.yaml")
+    sweep.add_argument("--only", help="run a subset: method=mosld,seed=1 (| between alternatives: method=lora|mosld)")
+    sweep.add_argument("--results-dir", type=Path, help="default experiments/results/<protocol name>")
+    sweep.add_argument("--work-dir", type=Path, help="default experiments/runs/<protocol name> (git-ignored)")
+    sweep.add_argument("--no-zero-shot", action="store_true", help="skip the base model's test")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and whether each is recorded")
+    agg = commands.add_parser("aggregate", help="write the results page from the protocol's records")
+    agg.add_argument("protocol", help="a protocol file, e.g. configs/experiments/cpu.yaml")
+    agg.add_argument("--results-dir", type=Path, help="default experiments/results/<protocol name>")
+    agg.add_argument("--out", type=Path, help="default docs/results.md for cpu, else docs/results_<name>.md")
+    args = parser.parse_args(argv)
+    try:
+        protocol = load_protocol(args.protocol)
+        results_dir = args.results_dir or Path("experiments/results") / protocol.name
+        if args.command == "aggregate":
+            out = args.out or Path("docs/results.md" if protocol.name == "cpu" else f"docs/results_{protocol.name}.md")
+            aggregate(results_dir, out)
+            print(f"wrote {out}")
+            return 0
+        runs = protocol.runs(parse_only(args.only))
+        if args.dry_run:
+            for run in runs:
+                done = (results_dir / run.name / "metrics.json").is_file()
+                print(f"{run.name}: {'recorded' if done else 'to run'}")
+            return 0
+        Sweep(protocol, results_dir, args.work_dir).run(runs, zero_shot=not args.no_zero_shot)
+    except (ValueError, SweepError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Run a protocol: every (method, setting, seed) is an ordinary ``fit`` and ``test`` through the training
+CLI (``python -m mosld.training``, the code path of ``python main.py``), each in its own process.
+
+Layout: the work of a run (TensorBoard logs, checkpoints, exported adapters) goes to
+``<work dir>/<run>/{fit,test}`` (git-ignored), its record to ``<results dir>/<run>/``: ``metrics.json``
+(written last: a run with it is finished and skipped), ``predictions.jsonl``, ``routing.json`` and, for the
+seeds in ``commit_adapters``, ``adapter/``. An interrupted fit resumes from the newest checkpoint in its
+folder, else starts again. For a given seed every method trains on the same batches in the same order
+(``seed_everything`` and ``data.seed`` are the seed) and is tested on the same items (the data module's fixed
+evaluation sample), so comparisons are paired. The base model is tested once per protocol (``zero_shot``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..data.tasks import is_eval_only, task_name
+from .protocol import Protocol, Run
+
+# Callbacks whose files make up a record; appended to the trainer's callbacks when the config lacks them.
+RECORD_CALLBACKS = (
+    "mosld.training.TrainRecord",
+    "mosld.training.ItemPredictionWriter",
+    "mosld.training.RouterStatsCallback",
+    "mosld.training.EvalSummary",
+    "mosld.training.AdapterExport",
+)
+ZERO_SHOT = "zero_shot"
+
+
+class SweepError(RuntimeError):
+    pass
+
+
+def cli_value(value: object) -> str:
+    """A protocol value as a command-line value (lists and mappings as JSON, which jsonargparse reads)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def option_args(options: dict[str, object]) -> list[str]:
+    return [arg for key, value in options.items() for arg in (f"--{key}", cli_value(value))]
+
+
+def resolved_config(subcommand: str, args: list[str]) -> dict:
+    """The configuration the CLI would run with (``--print_config``, in this process; nothing is loaded)."""
+    from ..training.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+        main([subcommand, *args, "--print_config"])
+    if not out.getvalue().strip():
+        raise SweepError(f"the configuration was refused:\n{err.getvalue().strip()}")
+    return yaml.safe_load(out.getvalue())
+
+
+def logger_arg(save_dir: Path, version: str) -> list[str]:
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(save_dir), "name": "", "version": version}}  # fmt: skip
+    return ["--trainer.logger", json.dumps(logger)]
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "mosld"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+class Sweep:
+    """Runs a protocol's runs that have no record yet.
+
+    Args:
+        protocol: The protocol.
+        results_dir: Where records go; default ``experiments/results/<protocol>``.
+        work_dir: Where runs work; default ``experiments/runs/<protocol>``.
+        python: Interpreter for the runs.
+        log: Where progress lines go.
+    """
+
+    def __init__(self, protocol: Protocol, results_dir: Path | None = None, work_dir: Path | None = None,
+                 python: str = sys.executable, log=print) -> None:  # fmt: skip
+        self.protocol = protocol
+        self.results_dir = Path(results_dir or Path("experiments/results") / protocol.name)
+        self.work_dir = Path(work_dir or Path("experiments/runs") / protocol.name)
+        self.python, self.log = python, log
+        self.base_args = [a for c in protocol.config for a in ("--config", c)] + option_args(protocol.args)
+        config = resolved_config("fit", self.base_args)
+        self.train_tasks = [t for t in config["data"]["tasks"] if not is_eval_only(t)]
+        present = {c.get("class_path") for c in config["trainer"].get("callbacks") or [] if isinstance(c, dict)}
+        self.base_args += [f"--trainer.callbacks+={c}" for c in RECORD_CALLBACKS if c not in present]
+        self.test_args = option_args(protocol.test)
+        self.commit = git_commit()
+
+    # ------------------------------------------------------------------ running
+    def run(self, runs: list[Run], zero_shot: bool = True) -> None:
+        if zero_shot:
+            self.zero_shot()
+        for i, run in enumerate(runs, 1):
+            if (self.results_dir / run.name / "metrics.json").is_file():
+                self.log(f"[{i}/{len(runs)}] {run.name}: recorded, skipped")
+                continue
+            self.log(f"[{i}/{len(runs)}] {run.name}: running")
+            start = time.perf_counter()
+            self.run_one(run)
+            self.log(f"[{i}/{len(runs)}] {run.name}: recorded in {time.perf_counter() - start:.0f} s")
+
+    def zero_shot(self) -> None:
+        """The base model (untrained adapters equal it exactly) tested once on the protocol's test items."""
+        record = self.results_dir / ZERO_SHOT
+        if (record / "metrics.json").is_file():
+            return
+        self.log(f"{ZERO_SHOT}: testing the base model")
+        work = self.work_dir / ZERO_SHOT
+        seconds = self._cli(work / "test.log", "test", *self.base_args, *logger_arg(work, "test"), *self.test_args)
+        self._write_record(record, Run("base", "none", 0), [(None, work / "test", {"test_seconds": seconds})])
+
+    def run_one(self, run: Run) -> None:
+        work = self.work_dir / run.name
+        fits = [(work, None)] if run.setting == "mixture" else [(work / t, t) for t in self.train_tasks]
+        parts = []
+        for folder, task in fits:
+            parts.append(self._fit_and_test(run, folder, task))
+        self._write_record(self.results_dir / run.name, run, parts)
+
+    def _fit_and_test(self, run: Run, folder: Path, task: str | None) -> tuple[Path, Path, dict]:
+        fit_dir, test_dir = folder / "fit", folder / "test"
+        times = {}
+        run_args = ["--seed_everything", str(run.seed), "--data.seed", str(run.seed),
+                    "--model.adapter.method", run.method, "--data.setting", run.setting]  # fmt: skip
+        if task is not None:
+            run_args += ["--data.tasks", json.dumps([task])]
+        if not (fit_dir / "train_record.json").is_file():
+            checkpoints = sorted((fit_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+            resume = ["--ckpt_path", str(checkpoints[-1])] if checkpoints else []
+            if not checkpoints:
+                shutil.rmtree(fit_dir, ignore_errors=True)
+            self.log(f"  fit {folder.name}" + (f" (resuming from {checkpoints[-1].name})" if checkpoints else ""))
+            times["fit_seconds_wall"] = self._cli(
+                folder / "fit.log", "fit", *self.base_args, *run_args, *logger_arg(folder, "fit"), *resume
+            )
+        if not (test_dir / "test_predictions.jsonl").is_file():
+            self.log(f"  test {folder.name}")
+            test_args = list(self.test_args)
+            if task is not None:  # a single-task model is tested on its own task
+                test_args += ["--data.tasks", json.dumps([task])]
+            times["test_seconds"] = self._cli(
+                folder / "test.log", "test", "--config", str(fit_dir / "config.yaml"),
+                "--ckpt_path", str(fit_dir / "checkpoints" / "last.ckpt"), *logger_arg(folder, "test"), *test_args,
+            )  # fmt: skip
+        return fit_dir, test_dir, times
+
+    def _cli(self, log_path: Path, *args: str) -> float:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with log_path.open("a") as log:
+            done = subprocess.run([self.python, "-m", "mosld.training", *args], stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+        if done.returncode != 0:
+            tail = "\n".join(log_path.read_text().splitlines()[-25:])
+            raise SweepError(f"{args[0]} failed (exit {done.returncode}); log {log_path}:\n{tail}")
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ records
+    def _write_record(self, record: Path, run: Run, parts: list[tuple[Path | None, Path, dict]]) -> None:
+        """Collect a run's (fit folder or None, test folder, timings) into its record, atomically."""
+        tmp = record.with_name(record.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tasks, routing, predictions, train, times = {}, {}, [], [], {}
+        for part in parts:
+            fit_dir, test_dir, part_times = part
+            for key, value in part_times.items():
+                times[key] = times.get(key, 0.0) + value
+            history = json.loads((test_dir / "eval_metrics.json").read_text())
+            metrics = [h for h in history if h["stage"] == "test"][-1]
+            for key, value in metrics.items():
+                if key.startswith("test/") and key.count("/") == 2:
+                    _, task, name = key.split("/")
+                    tasks.setdefault(task, {})[name] = value
+            predictions += (test_dir / "test_predictions.jsonl").read_text().splitlines()
+            if (test_dir / "test_routing.json").is_file():
+                routing.update(json.loads((test_dir / "test_routing.json").read_text()))
+            if fit_dir is not None:
+                train.append(json.loads((fit_dir / "train_record.json").read_text()))
+                if run.seed in self.protocol.commit_adapters and (fit_dir / "adapter").is_dir():
+                    target = tmp / "adapter" if len(parts) == 1 else tmp / "adapter" / fit_dir.parent.name
+                    shutil.copytree(fit_dir / "adapter", target)
+        (tmp / "predictions.jsonl").write_text("".join(line + "\n" for line in predictions))
+        if routing:
+            _write_json(tmp / "routing.json", routing)
+        in_domain = [t for t in tasks if t in {task_name(x) for x in self.train_tasks}]
+        summary = {
+            "protocol": self.protocol.name,
+            "run": record.name,
+            "method": run.method,
+            "setting": run.setting,
+            "seed": run.seed,
+            "code": self.commit,
+            "tasks": tasks,
+            "in_domain": in_domain,
+            "out_of_domain": [t for t in tasks if t not in in_domain],
+            "average": {s: sum(tasks[t][s] for t in in_domain) / len(in_domain) for s in ("acc", "acc_sum", "acc_norm")}
+            if in_domain
+            else None,
+            **times,
+        }
+        if train:
+            summary |= {
+                "trainable_parameters": train[0]["trainable_parameters"],
+                "total_parameters": train[0]["total_parameters"],
+                "steps": sum(t["steps"] for t in train),
+                "tokens_seen": sum(t["tokens_seen"] for t in train),
+                "padding_fraction": 1
+                - sum(t["tokens_seen"] for t in train) / sum(t["padded_positions"] for t in train),
+                "train_seconds": sum(t["train_seconds"] for t in train),
+                "train_tokens_per_second": sum(t["tokens_seen"] for t in train)
+                / sum(t["train_seconds"] for t in train),
+                "final_train_loss": sum(t["final_train_loss"] for t in train) / len(train),
+                "machine": train[0]["machine"],
+                "train_loss_curve": train[0]["loss"] if len(train) == 1 else None,
+            }
+        _write_json(tmp / "metrics.json", summary)
+        shutil.rmtree(record, ignore_errors=True)
+        tmp.replace(record)

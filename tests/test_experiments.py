@@ -1,0 +1,140 @@
+"""The sweep, its records and the results page, end to end on a tiny random model; the statistics on
+inputs with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from conftest import EXAMPLE_TASK, REPO
+
+from mosld.experiments import binomial_two_sided, load_protocol, mcnemar_exact, mean_sd, paired_bootstrap
+from mosld.experiments.__main__ import main as experiments_main
+from mosld.experiments.aggregate import depth_quartiles
+from mosld.experiments.protocol import parse_only
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_mean_and_sample_sd():
+    assert mean_sd([0.5, 0.7, 0.9]) == pytest.approx((0.7, 0.2))
+    assert mean_sd([0.4]) == (0.4, 0.0)
+
+
+def test_exact_mcnemar_matches_the_binomial_tail():
+    # 10 discordant pairs one way, 2 the other: p = 2 * P(X <= 2 | n = 12, 1/2) = 2 * 79 / 4096
+    a = {"t": np.array([[1] * 10 + [0] * 2 + [1] * 5])}
+    b = {"t": np.array([[0] * 10 + [1] * 2 + [1] * 5])}
+    assert mcnemar_exact(a, b) == (10, 2, pytest.approx(158 / 4096))
+    assert binomial_two_sided(3, 6) == 1.0  # a perfectly balanced split
+    assert binomial_two_sided(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact(a, a)[2] == 1.0
+
+
+def test_paired_bootstrap_of_identical_and_shifted_methods():
+    rng = np.random.default_rng(1)
+    a = {"x": rng.integers(0, 2, (3, 200)).astype(float), "y": rng.integers(0, 2, (3, 100)).astype(float)}
+    assert paired_bootstrap(a, a, resamples=200) == (0.0, 0.0, 0.0)
+    # b is a with 20 more items right in task x (of 200, in every seed): +0.1 on x, +0.05 on the macro average
+    b = {k: v.copy() for k, v in a.items()}
+    wrong = np.flatnonzero(a["x"][0] == 0)[:20]
+    b["x"][:, wrong] = 1
+    diff, low, high = paired_bootstrap(b, a, resamples=2000)
+    assert diff == pytest.approx((b["x"].mean() - a["x"].mean()) / 2)
+    assert low < diff < high and low > 0  # every resample is a gain: it can only add changed items
+    # the interval's half-width is about 1.96 sd of a resampled mean of the per-item differences
+    per_item = (b["x"] - a["x"]).mean(0)
+    sd = per_item.std() / math.sqrt(len(per_item)) / 2
+    assert (high - low) / 2 == pytest.approx(1.96 * sd, rel=0.15)
+
+
+def test_paired_bootstrap_refuses_unpaired_inputs():
+    with pytest.raises(ValueError, match="different tasks"):
+        paired_bootstrap({"x": np.ones((1, 3))}, {"y": np.ones((1, 3))})
+
+
+def test_depth_quartiles_match_the_expert_grouping():
+    quartile = depth_quartiles(list(range(30)))
+    assert [sum(1 for q in quartile.values() if q == g) for g in range(4)] == [8, 8, 7, 7]
+
+
+# ---------------------------------------------------------------------------- protocols
+def test_shipped_protocols_parse():
+    names = {p.stem: load_protocol(p) for p in sorted((REPO / "configs" / "experiments").glob("*.yaml"))}
+    assert {"cpu", "gpu", "paper"} <= set(names)
+    assert set(names["paper"].methods) == {"lora", "mola", "mosl", "mosld", "share_b"}
+    assert set(names["paper"].settings) == {"mixture", "single"}
+    assert len(names["cpu"].runs()) >= 12 and names["cpu"].test["data.max_eval_examples"] >= 300
+    assert "boolq" in names["cpu"].test["data.tasks"]
+
+
+def test_protocol_errors_name_the_file_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "config": [str(REPO / "configs" / "mosld.yaml")],
+                                    "methods": ["lora", "moe"], "seeds": [0]}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"bad.yaml: methods: expected some of"):
+        load_protocol(path)
+    with pytest.raises(ValueError, match="--only: expected"):
+        parse_only("lr=3")
+
+
+# ---------------------------------------------------------------------------- the sweep, end to end
+@pytest.mark.slow
+def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsys):
+    protocol = {
+        "name": "tiny",
+        "config": [str(REPO / "configs" / "mosld.yaml")],
+        "args": {
+            "model.model_name_or_path": tiny_model_dir,
+            "data.tasks": [EXAMPLE_TASK],
+            "data.num_samples_per_epoch": 16,
+            "data.batch_size": 4,
+            "data.max_eval_examples": 4,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "trainer.max_steps": 4,
+            "trainer.precision": "32-true",
+            "trainer.limit_val_batches": 0,
+            "trainer.num_sanity_val_steps": 0,
+        },
+        "methods": ["lora", "mosld"],
+        "seeds": [0],
+        "test": {"data.max_eval_examples": 10},
+        "commit_adapters": [0],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    results, work = tmp_path / "results", tmp_path / "work"
+    args = ["--results-dir", str(results)]
+    assert experiments_main(["sweep", str(path), *args, "--work-dir", str(work)]) == 0
+    for run in ("lora-mixture-seed0", "mosld-mixture-seed0", "zero_shot"):
+        metrics = json.loads((results / run / "metrics.json").read_text())
+        assert metrics["tasks"]["example_task"]["items"] == 10
+        rows = [json.loads(line) for line in (results / run / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 10 and {r["task"] for r in rows} == {"example_task"}
+        assert set(rows[0]) >= {"task", "item", "pred", "gold", "correct"}
+        assert sum(r["correct"] for r in rows) == round(10 * metrics["tasks"]["example_task"]["acc"])
+    lora = json.loads((results / "lora-mixture-seed0" / "metrics.json").read_text())
+    mosld = json.loads((results / "mosld-mixture-seed0" / "metrics.json").read_text())
+    assert lora["steps"] == mosld["steps"] == 4 and lora["tokens_seen"] == mosld["tokens_seen"] > 0  # same batches
+    assert 0 < mosld["trainable_parameters"] and lora["trainable_parameters"] < mosld["trainable_parameters"]
+    assert (results / "mosld-mixture-seed0" / "adapter" / "adapter_config.json").is_file()
+    assert (results / "mosld-mixture-seed0" / "routing.json").is_file()
+    # the same items in the same runs: item ids agree
+    ids = [{json.loads(x)["item"] for x in (results / r / "predictions.jsonl").read_text().splitlines()}
+           for r in ("lora-mixture-seed0", "mosld-mixture-seed0", "zero_shot")]  # fmt: skip
+    assert ids[0] == ids[1] == ids[2]
+    # a second sweep finds everything recorded and runs nothing
+    capsys.readouterr()
+    assert experiments_main(["sweep", str(path), *args, "--work-dir", str(work)]) == 0
+    assert capsys.readouterr().out.count("recorded, skipped") == 2
+    # the results page, twice: the same bytes
+    out = tmp_path / "docs" / "results.md"
+    assert experiments_main(["aggregate", str(path), *args, "--out", str(out)]) == 0
+    first = out.read_text()
+    assert experiments_main(["aggregate", str(path), *args, "--out", str(out)]) == 0
+    assert out.read_text() == first
+    assert "| MoSLD − LoRA | mixture | 1 |" in first and "McNemar" in first
+    for figure in ("accuracy.png", "train_loss.png", "routing.png"):
+        assert (tmp_path / "docs" / "results_tiny" / figure).stat().st_size > 1000
