@@ -36,6 +36,7 @@ RECORD_CALLBACKS = (
     "mosld.training.AdapterExport",
 )
 ZERO_SHOT = "zero_shot"
+METHOD_FIELDS = ("num_experts", "top_k", "share", "shared_dropout")
 
 
 class SweepError(RuntimeError):
@@ -109,6 +110,10 @@ class Sweep:
         self.train_tasks = [t for t in config["data"]["tasks"] if not is_eval_only(t)]
         present = {c.get("class_path") for c in config["trainer"].get("callbacks") or [] if isinstance(c, dict)}
         self.base_args += [f"--trainer.callbacks+={c}" for c in RECORD_CALLBACKS if c not in present]
+        # what the method determines (AdapterConfig's METHOD_DEFAULTS) unless the protocol sets it: a base config
+        # written for one method may pin them (configs/paper/mosld.yaml pins 8/6/4/2 experts, which LoRA refuses)
+        self.method_args = [arg for field in METHOD_FIELDS if f"model.adapter.{field}" not in protocol.args
+                            for arg in (f"--model.adapter.{field}", "null")]  # fmt: skip
         self.test_args = option_args(protocol.test)
         self.commit = git_commit()
 
@@ -147,7 +152,7 @@ class Sweep:
         fit_dir, test_dir = folder / "fit", folder / "test"
         times = {}
         run_args = ["--seed_everything", str(run.seed), "--data.seed", str(run.seed),
-                    "--model.adapter.method", run.method, "--data.setting", run.setting]  # fmt: skip
+                    "--model.adapter.method", run.method, *self.method_args, "--data.setting", run.setting]  # fmt: skip
         if task is not None:
             run_args += ["--data.tasks", json.dumps([task])]
         if not (fit_dir / "train_record.json").is_file():
