@@ -120,7 +120,16 @@ def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsy
     assert lora["steps"] == mosld["steps"] == 4 and lora["tokens_seen"] == mosld["tokens_seen"] > 0  # same batches
     assert 0 < mosld["trainable_parameters"] and lora["trainable_parameters"] < mosld["trainable_parameters"]
     assert (results / "mosld-mixture-seed0" / "adapter" / "adapter_config.json").is_file()
-    assert (results / "mosld-mixture-seed0" / "routing.json").is_file()
+    routing = json.loads((results / "mosld-mixture-seed0" / "routing.json").read_text())
+    loads = routing["example_task"]
+    assert len(loads) == 8 and all(
+        sum(s["load"]) == pytest.approx(2.0) for s in loads.values()
+    )  # 4 layers x q, v; top-2
+    # the labelled per-task heat-map went to TensorBoard beside the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work / "mosld-mixture-seed0" / "test")).Reload()
+    assert "test_router/load_by_task" in events.Tags()["images"]
     # the same items in the same runs: item ids agree
     ids = [{json.loads(x)["item"] for x in (results / r / "predictions.jsonl").read_text().splitlines()}
            for r in ("lora-mixture-seed0", "mosld-mixture-seed0", "zero_shot")]  # fmt: skip

@@ -145,7 +145,7 @@ class RouterStatsCallback(L.Callback):
         panels = [
             (task, *layer_expert_grid({k: s["load"] for k, s in entry.items()})) for task, entry in per_task.items()
         ]
-        figure = heatmap_panels(panels, "expert", "fraction of tokens routed (top-k)", f"{prefix}: expert load by task")
+        figure = heatmap_panels(panels, "expert", "share of tokens (top-k)", f"{prefix}: expert load by task")
         experiment.add_figure(f"{prefix}/load_by_task", figure, trainer.global_step)
 
     def _log(self, trainer, pl_module, stats: dict, prefix: str, reduce: bool = True) -> None:
@@ -178,7 +178,7 @@ class RouterStatsCallback(L.Callback):
             return
         grid, labels = layer_expert_grid(loads)
         figure = heatmap_panels([(f"step {trainer.global_step}", grid, labels)], "expert",
-                                "fraction of tokens routed (top-k)", f"{prefix}: expert load per layer")  # fmt: skip
+                                "share of tokens (top-k)", f"{prefix}: expert load per layer")  # fmt: skip
         experiment.add_figure(f"{prefix}/load_heatmap", figure, trainer.global_step)
         experiment.add_histogram(
             f"{prefix}/load", torch.cat([v.float().cpu() for v in loads.values()]), trainer.global_step
