@@ -119,7 +119,7 @@ def aggregate(results_dir: Path, out_md: Path, figures_dir: Path | None = None, 
         lines.append("| " + " | ".join(cells) + " |")
     items_per_task = {t: int(records[0]["tasks"][t]["items"]) for t in records[0]["tasks"]}
     lines += ["", "Test items per task: " + ", ".join(f"{t} {n}" for t, n in items_per_task.items()) + ".", ""]
-    other = [("sum of log-likelihoods", "acc_sum"), ("log-likelihood per token", "acc_norm")]
+    other = [("sum of log-likelihoods", "acc_sum"), ("log-likelihood per token", "acc_token_norm")]
     lines += ["Average accuracy under the other two scorings (mean over seeds):", ""]
     lines += ["| method | setting | " + " | ".join(n for n, _ in other) + " |", "|---|---|" + "---|" * len(other)]
     for key in keys:

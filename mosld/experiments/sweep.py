@@ -36,6 +36,8 @@ RECORD_CALLBACKS = (
     "mosld.training.AdapterExport",
 )
 ZERO_SHOT = "zero_shot"
+# accuracy under the headline scoring (per character), the sum of log-likelihoods, and per token
+SCORINGS = ("acc", "acc_sum", "acc_token_norm")
 METHOD_FIELDS = ("num_experts", "top_k", "share", "shared_dropout")
 
 
@@ -225,7 +227,7 @@ class Sweep:
             "tasks": tasks,
             "in_domain": in_domain,
             "out_of_domain": [t for t in tasks if t not in in_domain],
-            "average": {s: sum(tasks[t][s] for t in in_domain) / len(in_domain) for s in ("acc", "acc_sum", "acc_norm")}
+            "average": {s: sum(tasks[t][s] for t in in_domain) / len(in_domain) for s in SCORINGS}
             if in_domain
             else None,
             **times,

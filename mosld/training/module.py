@@ -43,7 +43,7 @@ def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tens
 
 
 # Per-task sums accumulated over an evaluation epoch, reduced across ranks at its end.
-_SUMS = ("items", "correct", "correct_sum", "correct_norm", "gold_loss_sum", "gold_tokens")
+_SUMS = ("items", "correct", "correct_sum", "correct_norm", "correct_token_norm", "gold_loss_sum", "gold_tokens")
 
 
 class MoSLDModule(L.LightningModule):
@@ -197,9 +197,9 @@ class MoSLDModule(L.LightningModule):
         scores = score_batch(self.model, batch, share_prompt=self._share_prompt)
         sums = self._sums
         sums["items"][dataloader_idx] += scores["correct"].numel()
-        for key in ("correct", "correct_sum", "correct_norm", "gold_loss_sum", "gold_tokens"):
+        for key in _SUMS[1:]:
             sums[key][dataloader_idx] += scores[key].sum().double()
-        return {key: scores[key] for key in ("pred", "correct", "correct_sum", "correct_norm")}
+        return {key: scores[key] for key in ("pred", "correct", "correct_sum", "correct_norm", "correct_token_norm")}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return self._eval_step(batch, dataloader_idx)
@@ -222,6 +222,7 @@ class MoSLDModule(L.LightningModule):
             metrics[f"{stage}/{task}/acc_ci95"] = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
             metrics[f"{stage}/{task}/acc_sum"] = float(sums["correct_sum"][i]) / n
             metrics[f"{stage}/{task}/acc_norm"] = float(sums["correct_norm"][i]) / n
+            metrics[f"{stage}/{task}/acc_token_norm"] = float(sums["correct_token_norm"][i]) / n
             metrics[f"{stage}/{task}/items"] = n
             loss = float(sums["gold_loss_sum"][i]) / max(float(sums["gold_tokens"][i]), 1.0)
             metrics[f"{stage}/{task}/answer_loss"] = loss

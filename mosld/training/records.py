@@ -64,6 +64,7 @@ class ItemPredictionWriter(L.Callback):
                 "task": task, "item": item, "pred": int(outputs["pred"][i]), "gold": int(batch["gold"][i]),
                 "correct": bool(outputs["correct"][i]), "correct_sum": bool(outputs["correct_sum"][i]),
                 "correct_norm": bool(outputs["correct_norm"][i]),
+                "correct_token_norm": bool(outputs["correct_token_norm"][i]),
             })  # fmt: skip
 
     def _end(self, trainer, stage: str) -> None:
