@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..adapters import AdapterConfig
-from ..data import KNOWN_TASKS, MultiTaskDataModule
+from ..data import KNOWN_TASKS, MultiTaskDataModule, TaskDataError
 from .module import MoSLDModule
+from .resume import compare_with_checkpoint
+from .safety import PREEMPTED_EXIT_CODE, FiniteGuard, NonFiniteError, PreemptionCheckpoint
 
 TRAINER_DEFAULTS = {
     # The data module shards its own temperature sampler and evaluation sets across ranks.
@@ -22,6 +27,47 @@ class MoSLDCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the config instead of loading its hyperparameters over it.
+
+        LightningCLI's version replaces the parsed model options by the checkpoint's, dropping what the
+        user wrote. Here the given config is what runs: a structural difference is refused (the
+        checkpoint's tensors would not fit), any other difference takes effect and is listed.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if not Path(ckpt_path).is_file():
+            self.parser.error(f"ckpt_path: {ckpt_path} is not a file")
+        try:
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        except Exception as err:  # any unreadable file: say which and why, before anything loads
+            self.parser.error(f"ckpt_path: {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {err})")
+        saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not saved:
+            return
+        try:
+            structural, other = compare_with_checkpoint(saved, config.model.as_dict())
+        except (TypeError, ValueError) as err:
+            self.parser.error(f"ckpt_path: {ckpt_path}: hyperparameters do not form an adapter config ({err})")
+        if structural:
+            self.parser.error(
+                f"ckpt_path: {ckpt_path} was trained with another adapter or base model than the config gives:\n  "
+                + "\n  ".join(structural)
+                + "\nResume with the run's own config (its config.yaml) or pass the checkpoint's values above; to "
+                "train another adapter, start a new run without --ckpt_path."
+            )
+        if other and subcommand == "fit":
+            print(
+                f"resuming from {ckpt_path} with options that differ from the checkpoint (the given ones take "
+                "effect):\n  " + "\n  ".join(other),
+                file=sys.stderr,
+            )
 
     def before_instantiate_classes(self) -> None:
         """Refuse a bad adapter config or task list before any model or data is loaded."""
@@ -38,6 +84,24 @@ class MoSLDCLI(LightningCLI):
                     f"data.tasks: {task!r} is neither a known task ({', '.join(KNOWN_TASKS)}) "
                     "nor an existing task file or folder"
                 )
+        if self.subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
+            print(
+                untrained_notice(self.subcommand, [Path(str(c)) for c in config.get("config") or []]), file=sys.stderr
+            )
+
+
+def untrained_notice(subcommand: str, config_files: list[Path]) -> str:
+    """What ``test`` (or ``validate``, ``predict``) without ``--ckpt_path`` evaluates, and the checkpoints at hand."""
+    lines = [
+        f"{subcommand}: no --ckpt_path given: evaluating the untrained adapter, i.e. the base model "
+        "(pass --ckpt_path to evaluate a trained one)"
+    ]
+    found = sorted({p for c in config_files for p in (c.parent / "checkpoints").glob("*.ckpt")})
+    if found:
+        lines.append("checkpoints of this run: " + ", ".join(str(p) for p in found))
+    elif config_files:
+        lines.append(f"no checkpoints found in {', '.join(str(c.parent / 'checkpoints') for c in config_files)}")
+    return "\n".join(lines)
 
 
 def end_distributed() -> None:
@@ -52,11 +116,20 @@ def end_distributed() -> None:
 
 
 def main(args: list[str] | None = None) -> MoSLDCLI:
-    return MoSLDCLI(
-        MoSLDModule,
-        MultiTaskDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    """Run the CLI. A run stopped by SIGTERM exits with status 143 (a resumable checkpoint written);
+    a diverged fit or bad task data exits with status 1 and a one-paragraph error, without a traceback."""
+    try:
+        return MoSLDCLI(
+            MoSLDModule,
+            MultiTaskDataModule,
+            # fresh callbacks each run: they hold per-run state
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FiniteGuard(), PreemptionCheckpoint()]},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except SIGTERMException:
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (NonFiniteError, TaskDataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -19,6 +19,7 @@ from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
 from ..evaluation import forward_parameters, score_batch, supports_prompt_sharing
 from ..models import load_base_model
+from .resume import adopt_optimizer_options
 
 
 def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor | None:
@@ -279,6 +280,8 @@ class MoSLDModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        # the options given take effect over the optimizer state saved (see mosld.training.resume)
+        adopt_optimizer_options(checkpoint, self.hparams.learning_rate, self.hparams.weight_decay)
         if "state_dict" not in checkpoint:  # FSDP loads the weights itself, before this hook
             return
         expected = {clean_name(k) for k in self.state_dict() if is_adapter_parameter(k)}
