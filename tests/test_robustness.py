@@ -121,3 +121,98 @@ def test_sigterm_writes_a_checkpoint_and_resuming_equals_an_uninterrupted_run(ti
     assert got.keys() == expected.keys()
     different = [k for k in expected if not torch.equal(got[k], expected[k])]
     assert not different, f"{len(different)} of {len(expected)} tensors differ after resuming, e.g. {different[:3]}"
+
+
+# ------------------------------------------------------------------------------------- --ckpt_path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A 2-step MoSLD run of the default config (its run folder)."""
+    root = tmp_path_factory.mktemp("trained")
+    cli = main(tiny_run_args(tiny_model_dir, root, "--trainer.max_steps", "2", "--data.max_eval_examples", "2"))
+    return Path(cli.trainer.log_dir)
+
+
+@pytest.mark.slow
+def test_resuming_under_another_adapter_structure_is_refused_field_by_field(trained_run, tiny_model_dir, capsys):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    lora = ["--model.adapter.method=lora", "--model.adapter.r=4", "--model.adapter.target_modules=[q_proj]"]
+    lora += ["--model.adapter.num_experts=1", "--model.adapter.top_k=1", "--model.adapter.share=null"]
+    root = trained_run / "lora_resume"
+    assert run_cli([*tiny_run_args(tiny_model_dir, root, *lora), "--ckpt_path", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    for line in (
+        "model.adapter.method: checkpoint 'mosld', given 'lora'",
+        "model.adapter.r: checkpoint 8, given 4",
+        "model.adapter.num_experts: checkpoint [8, 6, 4, 2], given 1",
+        "model.adapter.top_k: checkpoint 2, given 1",
+        "model.adapter.share: checkpoint 'A', given None",
+        "model.adapter.target_modules: checkpoint ['q_proj', 'v_proj'], given ['q_proj']",
+    ):
+        assert line in err, err
+    assert "config.yaml" in err and "without --ckpt_path" in err  # what to do
+    assert not root.exists()  # refused before anything was built
+
+    other_base = [*tiny_run_args(tiny_model_dir, root), "--model.model_name_or_path", str(trained_run / "absent")]
+    assert run_cli([*other_base, "--ckpt_path", str(ckpt)]) == 2
+    assert "model.model_name_or_path: checkpoint" in capsys.readouterr().err
+
+
+class RecordLearningRate(L.Callback):
+    """The learning rate each training step runs with, by step."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+@pytest.mark.slow
+def test_options_given_with_ckpt_path_take_effect_and_are_listed(trained_run, tiny_model_dir, capsys):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    root = trained_run / "resumed"
+    overrides = ["--model.learning_rate", "0.123", "--model.adapter.shared_dropout", "0.5", "--trainer.max_steps", "4"]
+    overrides += ["--data.max_eval_examples", "2", "--trainer.callbacks+=test_robustness.RecordLearningRate"]
+    cli = main([*tiny_run_args(tiny_model_dir, root, *overrides), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    assert "model.learning_rate: checkpoint 0.001, given 0.123" in err
+    assert "model.adapter.shared_dropout: checkpoint 0.1, given 0.5" in err
+    assert cli.trainer.global_step == 4
+    import mosld
+
+    assert {layer.shared_dropout for layer in mosld.adapter_layers(cli.model.base).values()} == {0.5}
+    (group,) = cli.trainer.optimizers[0].param_groups
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert group["initial_lr"] == 0.123 and scheduler.base_lrs == [0.123]
+    # steps 2 and 3 run at the new peak rate on the new 4-step cosine (0.5 and ~0.15 of it), not at
+    # the rate the 2-step checkpoint's schedule had reached (0)
+    rates = next(c for c in cli.trainer.callbacks if isinstance(c, RecordLearningRate)).rates
+    assert sorted(rates) == [2, 3]
+    assert rates[2] == pytest.approx(0.123 * 0.5) and rates[3] == pytest.approx(0.123 * scheduler.lr_lambdas[0](3))
+    after = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["hyper_parameters"]["learning_rate"] == 0.123
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a checkpoint"])
+def test_a_missing_or_unreadable_ckpt_path_is_refused_before_anything_loads(content, tmp_path, capsys):
+    ckpt = tmp_path / "run.ckpt"
+    if content is not None:
+        ckpt.write_bytes(content)
+    args = ["fit", "--config", str(REPO / "configs" / "mosld.yaml"), "--model.model_name_or_path", str(tmp_path / "x")]
+    assert run_cli([*args, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert f"ckpt_path: {ckpt} is not " in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_test_without_ckpt_path_says_it_evaluates_the_base_model_and_lists_the_checkpoints(trained_run, capsys):
+    config = trained_run / "config.yaml"
+    cli = main(["test", "--config", str(config), "--trainer.default_root_dir", str(trained_run / "tested")])
+    err = capsys.readouterr().err
+    assert "test: no --ckpt_path given: evaluating the untrained adapter, i.e. the base model" in err
+    listed = next(line for line in err.splitlines() if line.startswith("checkpoints of this run: "))
+    assert str(trained_run / "checkpoints" / "last.ckpt") in listed
+    assert cli.trainer.global_step == 0

@@ -51,8 +51,13 @@ class MoSLDCLI(LightningCLI):
         saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         if not saved:
             return
+        given = config.model.as_dict()
         try:
-            structural, other = compare_with_checkpoint(saved, config.model.as_dict())
+            AdapterConfig(**dict(given.get("adapter") or {}))
+        except (TypeError, ValueError):
+            return  # the config's own mistake, reported by before_instantiate_classes
+        try:
+            structural, other = compare_with_checkpoint(saved, given)
         except (TypeError, ValueError) as err:
             self.parser.error(f"ckpt_path: {ckpt_path}: hyperparameters do not form an adapter config ({err})")
         if structural:

@@ -152,6 +152,17 @@ class MoSLDModule(L.LightningModule):
         if max_steps is not None and max_steps > 0 and self.global_step >= max_steps:
             self.trainer.should_stop = True
 
+    def on_train_start(self) -> None:
+        # A resumed fit restores the rate the checkpoint's schedule had reached; this run's schedule
+        # (its peak rate and length may differ) decides the rate of the first step too.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(
+                    scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+                ):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad]
         if not params:

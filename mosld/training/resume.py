@@ -50,21 +50,14 @@ def compare_with_checkpoint(saved: dict, given: dict) -> tuple[list[str], list[s
 def adopt_optimizer_options(checkpoint: dict, learning_rate: float, weight_decay: float) -> None:
     """Make the given learning rate and weight decay take effect over the optimizer state being restored.
 
-    The optimizer's and the LR scheduler's saved state carry the old values (``initial_lr``/``base_lrs``
-    and the current, scheduled ``lr``); the current one is rescaled so that the schedule's position is kept.
+    The saved optimizer and LR-scheduler state carry the old peak rate (``initial_lr``, ``base_lrs``)
+    and weight decay; the scheduled rate of the next step is recomputed from them when training
+    starts (``MoSLDModule.on_train_start``).
     """
-    schedulers = checkpoint.get("lr_schedulers") or []
     for optimizer in checkpoint.get("optimizer_states") or []:
         for group in optimizer.get("param_groups", []):
-            old = group.get("initial_lr", group.get("lr"))
-            if old and "lr" in group:
-                group["lr"] = group["lr"] * learning_rate / old
             group["initial_lr"] = learning_rate
             group["weight_decay"] = weight_decay
-    for scheduler in schedulers:
-        old = scheduler.get("base_lrs")
-        if not old:
-            continue
-        if scheduler.get("_last_lr"):
-            scheduler["_last_lr"] = [v * learning_rate / b for v, b in zip(scheduler["_last_lr"], old, strict=True)]
-        scheduler["base_lrs"] = [learning_rate] * len(old)
+    for scheduler in checkpoint.get("lr_schedulers") or []:
+        if scheduler.get("base_lrs"):
+            scheduler["base_lrs"] = [learning_rate] * len(scheduler["base_lrs"])
