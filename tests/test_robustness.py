@@ -216,3 +216,110 @@ def test_test_without_ckpt_path_says_it_evaluates_the_base_model_and_lists_the_c
     listed = next(line for line in err.splitlines() if line.startswith("checkpoints of this run: "))
     assert str(trained_run / "checkpoints" / "last.ckpt") in listed
     assert cli.trainer.global_step == 0
+
+
+# ------------------------------------------------------------------------------- options, at once
+
+DEFAULT_CONFIG = str(REPO / "configs" / "mosld.yaml")
+
+
+@pytest.mark.parametrize(
+    "subcommand,override,message",
+    [
+        ("fit", ["--data.setting", "single"], "data.setting: 'single' trains on exactly one task"),
+        ("fit", ["--data.temperature", "0"], "data.temperature: expected a number > 0, got 0.0"),
+        ("fit", ["--data.batch_size", "0"], "data.batch_size: expected an integer >= 1, got 0"),
+        ("fit", ["--data.eval_batch_size=-1"], "data.eval_batch_size: expected an integer >= 1, got -1"),
+        ("fit", ["--data.max_eval_examples", "0"], "data.max_eval_examples: expected an integer >= 1"),
+        ("fit", ["--data.max_train_examples", "0"], "data.max_train_examples: expected an integer >= 1"),
+        ("fit", ["--data.num_samples_per_epoch", "0"], "data.num_samples_per_epoch: expected an integer >= 1"),
+        ("fit", ["--data.max_length", "4"], "data.max_length: expected an integer >= 8"),
+        ("fit", ["--data.num_workers=-2"], "data.num_workers: expected an integer >= 0"),
+        ("fit", ["--model.learning_rate=-1e-3"], "model.learning_rate: expected a number > 0, got -0.001"),
+        ("fit", ["--model.weight_decay=-1"], "model.weight_decay: expected a number >= 0"),
+        ("fit", ["--model.warmup=-5"], "model.warmup: expected a number >= 0"),
+        ("fit", ["--model.adapter.r", "0"], "model.adapter.r: expected an integer >= 1"),
+        ("fit", ["--model.adapter.shared_dropout", "1.0"], "model.adapter.shared_dropout: expected a probability"),
+        ("fit", ["--model.adapter.top_k", "3", "--model.adapter.num_experts", "2"], "model.adapter.top_k: 3 is more"),
+        ("fit", ["--model.adapter.alpha", "0"], "model.adapter.alpha: expected a positive number"),
+        ("fit", ["--model.adapter.adapter_dtype", "int8"], "model.adapter.adapter_dtype: expected one of"),
+        ("fit", ["--data.tasks", "[]"], "data.tasks: expected at least one task"),
+        ("predict", [], "data.predict_file: predict needs a JSONL file"),
+        ("predict", ["--data.predict_file", "/nonexistent/q.jsonl"], "data.predict_file: /nonexistent/q.jsonl is not"),
+    ],
+)
+def test_option_mistakes_are_one_usage_error_before_anything_loads(subcommand, override, message, tmp_path, capsys):
+    # The base model does not exist: getting as far as loading it would fail with another message.
+    args = [subcommand, "--config", DEFAULT_CONFIG, "--model.model_name_or_path", str(tmp_path / "absent")]
+    assert run_cli([*args, "--trainer.default_root_dir", str(tmp_path), *override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err[-1500:]
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+# ------------------------------------------------------------------------------------ data files
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = {"question": "Which animal says moo?", "choices": ["cow", "cat", "duck"], "label": 0}
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [["cow", "cat", "cow"], ["cow ", "cat", "cow"], [" cow", "cow\t", "duck"]],
+    ids=["exact", "trailing-space", "both-padded"],
+)
+def test_duplicate_choices_are_refused_with_file_line_and_field(choices, tmp_path):
+    from mosld.data import TaskDataError, load_task
+    from mosld.data.tasks import load_predict_examples
+
+    path = write_jsonl(tmp_path / "quiz" / "train.jsonl", [GOOD, {**GOOD, "choices": choices, "label": 2}])
+    for load in (lambda: load_task(path, "train"), lambda: load_predict_examples(path)):
+        with pytest.raises(TaskDataError) as err:
+            load()
+        assert f"{path}:2: field 'choices' holds" in str(err.value) and "more than once" in str(err.value)
+
+
+def test_a_benchmark_item_with_a_repeated_choice_is_kept_with_a_warning(tmp_path, caplog):
+    from mosld.data import load_task
+
+    row = {"question": "Q?", "choices": {"text": ["a", "b", "a "], "label": ["A", "B", "C"]}, "answerKey": "C"}
+    folder = tmp_path / "allenai__ai2_arc" / "ARC-Easy"
+    for split in ("train", "validation", "test"):
+        write_jsonl(
+            folder / f"{split}.jsonl", [row, {**row, "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]}}]
+        )
+    with caplog.at_level("WARNING"):
+        examples = load_task("arc_easy", "test", tmp_path)
+    assert len(examples) == 2  # as published, comparable with reported scores
+    assert f"1 items repeat a choice (first at {folder / 'test.jsonl'}:1)" in caplog.text
+
+
+def test_max_length_that_would_cut_questions_or_answers_names_option_task_count_and_length(tokenizer):
+    from mosld.data import TaskDataError, encode_examples
+    from mosld.data.tasks import Example
+
+    long_question = Example("quiz", None, "Which of these " + "very " * 30 + "long choices is right?", ["a", "b"], 0)
+    long_answer = Example("quiz", None, "Q?", ["the first" + " word" * 40, "the first word"], 1)
+    short = Example("quiz", "A passage " * 50, "Q?", ["yes", "no"], 0)
+    with pytest.raises(TaskDataError) as err:
+        encode_examples([long_question, long_answer, short], tokenizer, "passage", 24)
+    message = str(err.value)
+    assert message.startswith("data.max_length = 24 is too small for task 'quiz': 2 of 3 items do not fit")
+    need = int(message.rsplit(" ", 1)[1])
+    assert need > 40 and f"raise data.max_length to at least {need}" in message
+    items = encode_examples([long_question, long_answer, short], tokenizer, "passage", need)
+    assert len(items) == 3 and max(len(i) for i in items) <= need  # the passage was cut, nothing else
+    assert tokenizer.decode(items[1].choices[0]) == " the first" + " word" * 40
+
+
+@pytest.mark.slow
+def test_fit_with_too_small_max_length_is_a_one_line_error_naming_the_option(tiny_model_dir, tmp_path, capsys):
+    assert run_cli(tiny_run_args(tiny_model_dir, tmp_path, "--data.max_length", "8")) == 1
+    err = capsys.readouterr().err
+    assert "error: data.max_length = 8 is too small for task 'example_task'" in err and "Traceback" not in err

@@ -22,6 +22,44 @@ TRAINER_DEFAULTS = {
 }
 
 
+# Option constraints that the config alone shows, checked before any model or data loads.
+_POSITIVE_OR_NONE = (lambda v: v is None or v >= 1, "an integer >= 1 (or null)")
+OPTION_CHECKS = {
+    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.temperature": (lambda v: v > 0, "a number > 0"),
+    "data.max_length": (lambda v: v >= 8, "an integer >= 8 (tokens)"),
+    "data.max_eval_examples": _POSITIVE_OR_NONE,
+    "data.max_train_examples": _POSITIVE_OR_NONE,
+    "data.num_samples_per_epoch": _POSITIVE_OR_NONE,
+    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
+    "model.learning_rate": (lambda v: v > 0, "a number > 0"),
+    "model.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "model.warmup": (lambda v: v >= 0, "a number >= 0 (a fraction of the steps if < 1, else a step count)"),
+}
+
+
+def option_errors(config, subcommand: str | None) -> list[str]:
+    """Mistakes in the parsed options that need no model or data to see, by option name."""
+    errors = []
+    for name, (valid, expected) in OPTION_CHECKS.items():
+        value = config.get(name)
+        if not isinstance(value, (int, float, type(None))) or not valid(value):
+            errors.append(f"{name}: expected {expected}, got {value!r}")
+    tasks = config.get("data.tasks") or []
+    if not tasks:
+        errors.append("data.tasks: expected at least one task")
+    if config.get("data.setting") == "single" and len(tasks) != 1:
+        errors.append(f"data.setting: 'single' trains on exactly one task, but data.tasks has {len(tasks)}: {tasks}")
+    if subcommand == "predict":
+        predict_file = config.get("data.predict_file")
+        if not predict_file:
+            errors.append("data.predict_file: predict needs a JSONL file of questions (--data.predict_file)")
+        elif not Path(predict_file).is_file():
+            errors.append(f"data.predict_file: {predict_file} is not a file")
+    return errors
+
+
 class MoSLDCLI(LightningCLI):
     """LightningCLI with the base model linked to the tokenizer, and early config checks."""
 
@@ -83,6 +121,9 @@ class MoSLDCLI(LightningCLI):
                 AdapterConfig(**dict(adapter))
             except (TypeError, ValueError) as err:
                 self.parser.error(f"model.adapter.{err}")
+        errors = option_errors(config, self.subcommand)
+        if errors:
+            self.parser.error("; ".join(errors))
         for task in config.data.tasks or []:
             if task not in KNOWN_TASKS and not Path(task).exists():
                 self.parser.error(
