@@ -17,10 +17,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_model
 from safetensors.torch import load_file
 from test_training import tiny_run_args
 
+import mosld
 from mosld.training.cli import main
 from mosld.training.safety import PREEMPTED_EXIT_CODE
 
@@ -180,8 +181,6 @@ def test_options_given_with_ckpt_path_take_effect_and_are_listed(trained_run, ti
     assert "model.learning_rate: checkpoint 0.001, given 0.123" in err
     assert "model.adapter.shared_dropout: checkpoint 0.1, given 0.5" in err
     assert cli.trainer.global_step == 4
-    import mosld
-
     assert {layer.shared_dropout for layer in mosld.adapter_layers(cli.model.base).values()} == {0.5}
     (group,) = cli.trainer.optimizers[0].param_groups
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
@@ -323,3 +322,149 @@ def test_fit_with_too_small_max_length_is_a_one_line_error_naming_the_option(tin
     assert run_cli(tiny_run_args(tiny_model_dir, tmp_path, "--data.max_length", "8")) == 1
     err = capsys.readouterr().err
     assert "error: data.max_length = 8 is too small for task 'example_task'" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------- adapter files
+
+
+def small_adapted(seed: int = 0) -> torch.nn.Module:
+    config = mosld.AdapterConfig(method="mosld", r=4, num_experts=(4, 2), target_modules=("q_proj", "v_proj"))
+    model = mosld.inject_adapters(tiny_model("llama"), config)
+    torch.manual_seed(seed)
+    for layer in mosld.adapter_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    return model
+
+
+def resave(folder: Path, tensors: dict) -> None:
+    """Rewrite the weights and record their checksum, as a tool that knows the format would."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save(tensors)
+    (folder / "adapter_model.safetensors").write_bytes(data)
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+
+
+def edit_config(folder: Path, change) -> None:
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    change(meta)
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+BAD_ADAPTERS = {
+    "truncated": (lambda f: (f / WEIGHTS).write_bytes((f / WEIGHTS).read_bytes()[:-100]), ValueError, WEIGHTS,
+                  "truncated, corrupt or altered"),
+    "one byte changed": (lambda f: (f / WEIGHTS).write_bytes(bytes([(f / WEIGHTS).read_bytes()[0] ^ 1])
+                         + (f / WEIGHTS).read_bytes()[1:]), ValueError, WEIGHTS, "SHA-256 differs"),
+    "weights missing": (lambda f: (f / WEIGHTS).unlink(), FileNotFoundError, WEIGHTS, "no adapter weights"),
+    "config missing": (lambda f: (f / CONFIG).unlink(), FileNotFoundError, CONFIG, "no adapter config"),
+    "config not JSON": (lambda f: (f / CONFIG).write_text("{"), ValueError, CONFIG, "not valid JSON"),
+    "config a list": (lambda f: (f / CONFIG).write_text("[]"), ValueError, CONFIG, "expected a JSON object"),
+    "no modules field": (lambda f: edit_config(f, lambda m: m.pop("modules")), ValueError, CONFIG, "'modules'"),
+    "no checksum": (lambda f: edit_config(f, lambda m: m.pop("weights_sha256")), ValueError, CONFIG,
+                    "'weights_sha256' is missing"),
+    "newer format": (lambda f: edit_config(f, lambda m: m.update(format_version=99)), ValueError, CONFIG,
+                     "format_version 99"),
+    "other format": (lambda f: edit_config(f, lambda m: m.update(format="peft")), ValueError, CONFIG,
+                     "format is 'peft'"),
+    "unknown adapter field": (lambda f: edit_config(f, lambda m: m["adapter"].update(rank=4)), ValueError, CONFIG,
+                              "field 'adapter': adapter config: unknown field(s) ['rank']"),
+    "invalid adapter value": (lambda f: edit_config(f, lambda m: m["adapter"].update(top_k=5)), ValueError, CONFIG,
+                              "field 'adapter': top_k: 5 is more than"),
+    "config r altered": (lambda f: edit_config(f, lambda m: m["adapter"].update(r=2)), ValueError, WEIGHTS,
+                         "has shape ("),
+    "other experts": (lambda f: edit_config(f, lambda m: m["adapter"].update(num_experts=[2, 2])), ValueError,
+                      WEIGHTS, "has shape"),
+    "wrong dtype": (lambda f: resave(f, {k: v.double() for k, v in load_file(f / WEIGHTS).items()}), ValueError,
+                    WEIGHTS, "has dtype torch.float64, expected torch.float32"),
+    "extra tensor": (lambda f: resave(f, {**load_file(f / WEIGHTS), "model.extra": torch.zeros(2)}), ValueError,
+                     WEIGHTS, "unexpected ['model.extra']"),
+    "tensor missing": (lambda f: resave(f, dict(list(load_file(f / WEIGHTS).items())[1:])), ValueError, WEIGHTS,
+                       "missing ["),
+    "NaN in a tensor": (lambda f: resave(f, {k: v * float("nan") for k, v in load_file(f / WEIGHTS).items()}),
+                        ValueError, WEIGHTS, "hold NaN or infinity"),
+    "not safetensors": (lambda f: resave_bytes(f, b"\x08\x00\x00\x00\x00\x00\x00\x00{bad}"), ValueError, WEIGHTS,
+                        "not a readable safetensors file"),
+}  # fmt: skip
+
+
+def resave_bytes(folder: Path, data: bytes) -> None:
+    import hashlib
+
+    (folder / WEIGHTS).write_bytes(data)
+    edit_config(folder, lambda m: m.update(weights_sha256=hashlib.sha256(data).hexdigest()))
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAPTERS))
+def test_a_bad_adapter_folder_is_named_and_leaves_the_model_unchanged(case, tmp_path):
+    mosld.save_adapter(small_adapted(), tmp_path / "adapter")
+    damage, error, file, message = BAD_ADAPTERS[case]
+    damage(tmp_path / "adapter")
+    base = tiny_model("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(error) as err:
+        mosld.load_adapter(base, tmp_path / "adapter")
+    assert str(tmp_path / "adapter" / file) in str(err.value) and message in str(err.value), str(err.value)
+    assert not mosld.adapter_layers(base) and base.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_loading_into_a_model_that_has_adapters_is_refused(tmp_path):
+    mosld.save_adapter(small_adapted(), tmp_path / "adapter")
+    with pytest.raises(ValueError, match="already has adapters"):
+        mosld.load_adapter(small_adapted(), tmp_path / "adapter")
+
+
+def test_an_adapter_of_format_1_without_checksum_still_loads(tmp_path):
+    model = small_adapted()
+    mosld.save_adapter(model, tmp_path / "adapter")
+    edit_config(tmp_path / "adapter", lambda m: (m.pop("weights_sha256"), m.update(format_version=1)))
+    loaded = mosld.load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_save_leaves_the_previous_adapter_intact_and_nothing_half_written(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    mosld.save_adapter(small_adapted(seed=0), target)
+    previous = folder_bytes(target)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)  # the JSON, written after the weights
+    with pytest.raises(OSError, match="No space left"):
+        mosld.save_adapter(small_adapted(seed=1), target)
+    monkeypatch.undo()
+    assert folder_bytes(target) == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left behind
+
+    mosld.save_adapter(small_adapted(seed=1), target)  # and a save that succeeds replaces it whole
+    assert folder_bytes(target) != previous and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_non_finite_adapter_is_never_saved(tmp_path):
+    target = tmp_path / "adapter"
+    mosld.save_adapter(small_adapted(), target)
+    previous = folder_bytes(target)
+    model = small_adapted()
+    next(iter(mosld.adapter_layers(model).values())).lora_B.data[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"save_adapter: 1 of \d+ adapter tensors hold NaN or infinity"):
+        mosld.save_adapter(model, target)
+    assert folder_bytes(target) == previous
+
+
+def test_saving_into_a_folder_of_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
+        mosld.save_adapter(small_adapted(), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
