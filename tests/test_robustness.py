@@ -51,9 +51,9 @@ def versions(root: Path) -> list[Path]:
 @pytest.mark.slow
 def test_a_diverging_fit_stops_at_the_step_naming_the_cause_and_exports_no_adapter(tiny_model_dir, tmp_path, capsys):
     args = tiny_run_args(tiny_model_dir, tmp_path, "--trainer.max_steps", "10", "--model.learning_rate", "1e6")
-    assert run_cli([*args, "--model.warmup", "0", "--trainer.gradient_clip_val", "0"]) == 1
+    assert run_cli([*args, "--model.warmup", "0"]) == 1
     err = capsys.readouterr().err
-    assert "error: training step " in err and "NaN" in err or "nan" in err, err[-2000:]
+    assert "error: training step " in err and ("the training loss is nan" in err or "gradients hold NaN" in err)
     assert "model.learning_rate = 1000000.0" in err and "no adapter was exported" in err
     assert "Traceback" not in err
     (run,) = versions(tmp_path)
@@ -322,6 +322,7 @@ def test_fit_with_too_small_max_length_is_a_one_line_error_naming_the_option(tin
     assert run_cli(tiny_run_args(tiny_model_dir, tmp_path, "--data.max_length", "8")) == 1
     err = capsys.readouterr().err
     assert "error: data.max_length = 8 is too small for task 'example_task'" in err and "Traceback" not in err
+    assert not (tmp_path / "lightning_logs").exists()  # found in prepare_data, before the run folder exists
 
 
 # ---------------------------------------------------------------------------------- adapter files
