@@ -62,6 +62,33 @@ def test_a_diverging_fit_stops_at_the_step_naming_the_cause_and_exports_no_adapt
         strict_json(file.read_text())
 
 
+class LossOf(L.LightningModule):
+    """A one-layer model whose loss is multiplied by ``scale`` from step ``at`` on."""
+
+    def __init__(self, scale: float, at: int) -> None:
+        super().__init__()
+        self.layer, self.scale, self.at = torch.nn.Linear(4, 1), scale, at
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch).pow(2).mean()
+        return loss * self.scale if self.global_step >= self.at else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_training_before_the_step_that_would_use_it(scale):
+    from mosld.training.safety import FiniteGuard, NonFiniteError
+
+    model = LossOf(scale, at=2)
+    trainer = L.Trainer(max_steps=5, callbacks=[FiniteGuard()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    with pytest.raises(NonFiniteError, match=rf"training step 3: the training loss is {scale}; training stopped"):
+        trainer.fit(model, torch.utils.data.DataLoader(torch.randn(16, 4), batch_size=2))
+    assert trainer.global_step == 2 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_json_written_by_the_callbacks_is_valid_even_with_nan():
     from mosld.training.callbacks import json_safe
 

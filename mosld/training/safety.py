@@ -34,31 +34,42 @@ class FiniteGuard(L.Callback):
 
     Gradients are checked before clipping and before the optimizer step, so the adapter is never
     updated with them. Under 16-bit mixed precision the gradient scaler skips overflowing steps by
-    design, so there only the loss is checked. Under multi-process training only the gradients are
-    checked (all-reduced, so every rank stops together); a NaN loss makes them NaN too.
+    design, so there only the loss is checked. With several processes the verdict is agreed on by
+    all ranks before the optimizer step (one boolean all-reduce), so every rank stops at the same step.
     """
 
     def __init__(self) -> None:
-        self._loss: torch.Tensor | None = None
+        self._bad_loss: float | None = None
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        self._loss = loss.detach()
-        if trainer.world_size == 1 and not bool(torch.isfinite(self._loss)):
-            raise NonFiniteError(_explain(trainer, pl_module, f"the training loss is {float(self._loss)}"))
+        if bool(torch.isfinite(loss.detach())):
+            return
+        self._bad_loss = float(loss.detach())
+        if trainer.world_size == 1:  # stop before the backward pass; several ranks decide together below
+            raise NonFiniteError(_explain(trainer, pl_module, f"the training loss is {self._bad_loss}"))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return
-        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
-        if not named:
-            return
-        norms = torch._foreach_norm([g for _, g in named])
-        if bool(torch.isfinite(torch.stack(norms)).all()):
-            return
-        bad = [n for (n, _), norm in zip(named, norms, strict=True) if not bool(torch.isfinite(norm))]
-        raise NonFiniteError(
-            _explain(trainer, pl_module, f"{len(bad)} of {len(named)} gradients hold NaN or infinity (e.g. {bad[0]})")
-        )
+        problem = None if self._bad_loss is None else f"the training loss is {self._bad_loss}"
+        if problem is None and getattr(trainer.precision_plugin, "scaler", None) is None:
+            problem = _non_finite_gradients(pl_module)
+        self._bad_loss = None
+        if trainer.world_size > 1:
+            if trainer.strategy.reduce_boolean_decision(problem is None, all=True):
+                return
+            problem = problem or "another rank found a NaN or infinite loss or gradient"
+        if problem is not None:
+            raise NonFiniteError(_explain(trainer, pl_module, problem))
+
+
+def _non_finite_gradients(module: torch.nn.Module) -> str | None:
+    named = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    norms = torch._foreach_norm([g for _, g in named])  # one device sync for all gradients
+    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        return None
+    bad = [n for (n, _), norm in zip(named, norms, strict=True) if not bool(torch.isfinite(norm))]
+    return f"{len(bad)} of {len(named)} gradients hold NaN or infinity (e.g. {bad[0]})"
 
 
 def _explain(trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> str:
