@@ -78,12 +78,12 @@ class MoSLDCLI(LightningCLI):
             return
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
-        if not ckpt_path:
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):  # resolved by Lightning later
             return
         if not Path(ckpt_path).is_file():
             self.parser.error(f"ckpt_path: {ckpt_path} is not a file")
         try:
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as err:  # any unreadable file: say which and why, before anything loads
             self.parser.error(f"ckpt_path: {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {err})")
         saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
