@@ -33,8 +33,9 @@ from mosld.data.tasks import (
 from mosld.models import cache_root, load_tokenizer
 
 log = logging.getLogger(__name__)
-# Bump when the encoding changes, so stale cached token ids are never reused.
-CACHE_VERSION = 1
+# Bump when the encoding changes, so stale cached token ids are never reused (2: items whose question or
+# answers do not fit max_length are refused, no longer cut).
+CACHE_VERSION = 2
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Training and evaluation build their token sequences from the same ``EncodedItem``: the prompt tokens, then
 one choice's answer tokens (training appends EOS after the gold answer). Only answer tokens carry labels;
 prompt tokens are masked with -100. A long passage is cut (from its end) so that the question, the
-choices and the longest answer plus EOS always fit in ``max_length``; the cut depends on the item, not on
-the choice, so every choice of an item is scored after exactly the prompt the model was trained on.
+choices and the longest answer plus EOS always fit in ``max_length``; where these alone do not fit, the items
+are refused, never cut. The cut depends on the item, not on the choice, so every choice of an item is scored
+after exactly the prompt the model was trained on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from mosld.data.tasks import LETTERS, Example
+from mosld.data.tasks import LETTERS, Example, TaskDataError
 
 IGNORE_INDEX = -100
 
@@ -141,6 +142,10 @@ def encode_examples(
 
     Returns:
         One ``EncodedItem`` per example.
+
+    Raises:
+        TaskDataError: ``max_length`` leaves no room for the question and answers of some items (the message
+            says how many and the length they need).
     """
     template = get_template(template)
     if max_length < 8:
@@ -152,7 +157,7 @@ def encode_examples(
     flat = [(r[1], a) for r in rendered for a in r[2]]
     joined = _ids(tokenizer, [body + answer for body, answer in flat])
     alone = _ids(tokenizer, [answer for _, answer in flat])
-    items, k = [], 0
+    items, k, too_long = [], 0, []
     for example, (_, _, answers), context, body in zip(examples, rendered, contexts, bodies, strict=True):
         choice_ids = []
         for answer_alone in alone[k : k + len(answers)]:
@@ -163,12 +168,16 @@ def encode_examples(
             k += 1
         longest = max(len(c) for c in choice_ids)
         room = max_length - len(prefix) - longest - 1  # 1 for the EOS appended in training
-        if room < 1:  # the answers alone do not fit: keep the start of each, and one prompt token
-            choice_ids = [c[: max_length - len(prefix) - 2] for c in choice_ids]
-            room = 1
-        if len(body) > room:  # no room for any passage: keep the end of the question, next to the answer
-            context, body = [], body[len(body) - room :]
+        if len(body) > room:  # cutting the question or an answer would train and score another item
+            too_long.append(len(prefix) + len(body) + longest + 1)
+            continue
         prompt = prefix + context[: room - len(body)] + body
         chars = [len(a) for a in answers]  # the continuation, leading space included, as lm-eval's acc_norm
         items.append(EncodedItem(prompt, choice_ids, example.label, chars))
+    if too_long:
+        raise TaskDataError(
+            f"data.max_length = {max_length} is too small for task {examples[0].task!r}: {len(too_long)} of "
+            f"{len(examples)} items do not fit their question and answers, which are never cut (passages are); "
+            f"they need up to {max(too_long)} tokens: raise data.max_length to at least {max(too_long)}"
+        )
     return items

@@ -172,11 +172,27 @@ def _parse_boolq(row: Row) -> Parsed:
     return passage or None, question, ["no", "yes"], int(_field(row, "answer", bool))
 
 
+def _first_duplicate(choices: Sequence[str]) -> str | None:
+    """The first choice that repeats an earlier one once whitespace is stripped, else None."""
+    seen: set[str] = set()
+    for choice in choices:
+        if choice.strip() in seen:
+            return choice
+        seen.add(choice.strip())
+    return None
+
+
 def _parse_user(row: Row) -> Parsed:
     choices = _field(row, "choices", list)
     if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
         raise TaskDataError(
             f"{row.where()}: field 'choices' should be a list of at least 2 non-empty strings, got {choices!r:.200}"
+        )
+    duplicate = _first_duplicate(choices)
+    if duplicate is not None:
+        raise TaskDataError(
+            f"{row.where()}: field 'choices' holds {duplicate!r} more than once (after stripping whitespace); "
+            "an item whose gold is a later copy could never be scored correct: make the choices distinct"
         )
     label = _field(row, "label", int)
     if not 0 <= label < len(choices):
@@ -256,7 +272,7 @@ class _Source:
         raise NotImplementedError
 
     def examples(self, split: str) -> list[Example]:
-        examples = []
+        examples, duplicated = [], []
         for row in self.rows(split):
             missing = [c for c in self.columns if c not in row.data]
             if missing:
@@ -270,7 +286,18 @@ class _Source:
                 raise TaskDataError(f"task {self.name!r}: {err}") from None
             # Source files carry stray whitespace (MCTest answers end in "\r"); it would leak into the answer tokens.
             context = context.strip() if context else None
+            if _first_duplicate(choices) is not None:
+                duplicated.append(row.where())
             examples.append(Example(self.name, context or None, question.strip(), [c.strip() for c in choices], label))
+        if duplicated:  # user tasks refuse these (_parse_user); a benchmark is kept as published, to compare
+            log.warning(
+                "task %s split %s: %d items repeat a choice (first at %s); an item whose gold is a later copy "
+                "can never be scored correct (kept, as in the published benchmark)",
+                self.name,
+                split,
+                len(duplicated),
+                duplicated[0],
+            )
         if not examples:
             raise TaskDataError(f"task {self.name!r}: split {split!r} is empty ({self.describe(split)})")
         return examples

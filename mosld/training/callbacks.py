@@ -4,6 +4,7 @@ an end-of-run summary, and the prediction writer."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def run_dir(trainer: L.Trainer) -> Path:
     A collective under DDP (``trainer.log_dir`` broadcasts rank 0's folder): call it on every rank.
     """
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def json_safe(value):
+    """``value`` with NaN and infinite floats replaced by None, so that what is written is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def short_layer_name(name: str) -> str:
@@ -284,7 +296,7 @@ class EvalSummary(L.Callback):
             )
         rank_zero_info("\n".join(lines))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_metrics.json").write_text(json.dumps(self.history, indent=2) + "\n")
+        (out / "eval_metrics.json").write_text(json.dumps(json_safe(self.history), indent=2, allow_nan=False) + "\n")
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -304,5 +316,5 @@ class PredictionWriter(BasePredictionWriter):
         rows = [row for batch in predictions for row in batch]
         with path.open("w") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         print(f"{len(rows)} predictions written to {path}")

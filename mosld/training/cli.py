@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..adapters import AdapterConfig
-from ..data import KNOWN_TASKS, MultiTaskDataModule
+from ..data import KNOWN_TASKS, MultiTaskDataModule, TaskDataError
 from .module import MoSLDModule
+from .resume import compare_with_checkpoint
+from .safety import PREEMPTED_EXIT_CODE, FiniteGuard, NonFiniteError, PreemptionCheckpoint
 
 TRAINER_DEFAULTS = {
     # The data module shards its own temperature sampler and evaluation sets across ranks.
@@ -17,11 +22,95 @@ TRAINER_DEFAULTS = {
 }
 
 
+# Option constraints that the config alone shows, checked before any model or data loads.
+_POSITIVE_OR_NONE = (lambda v: v is None or v >= 1, "an integer >= 1 (or null)")
+OPTION_CHECKS = {
+    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.temperature": (lambda v: v > 0, "a number > 0"),
+    "data.max_length": (lambda v: v >= 8, "an integer >= 8 (tokens)"),
+    "data.max_eval_examples": _POSITIVE_OR_NONE,
+    "data.max_train_examples": _POSITIVE_OR_NONE,
+    "data.num_samples_per_epoch": _POSITIVE_OR_NONE,
+    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
+    "model.learning_rate": (lambda v: v > 0, "a number > 0"),
+    "model.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "model.warmup": (lambda v: v >= 0, "a number >= 0 (a fraction of the steps if < 1, else a step count)"),
+}
+
+
+def option_errors(config, subcommand: str | None) -> list[str]:
+    """Mistakes in the parsed options that need no model or data to see, by option name."""
+    errors = []
+    for name, (valid, expected) in OPTION_CHECKS.items():
+        value = config.get(name)
+        if not isinstance(value, (int, float, type(None))) or not valid(value):
+            errors.append(f"{name}: expected {expected}, got {value!r}")
+    tasks = config.get("data.tasks") or []
+    if not tasks:
+        errors.append("data.tasks: expected at least one task")
+    if config.get("data.setting") == "single" and len(tasks) != 1:
+        errors.append(f"data.setting: 'single' trains on exactly one task, but data.tasks has {len(tasks)}: {tasks}")
+    if subcommand == "predict":
+        predict_file = config.get("data.predict_file")
+        if not predict_file:
+            errors.append("data.predict_file: predict needs a JSONL file of questions (--data.predict_file)")
+        elif not Path(predict_file).is_file():
+            errors.append(f"data.predict_file: {predict_file} is not a file")
+    return errors
+
+
 class MoSLDCLI(LightningCLI):
     """LightningCLI with the base model linked to the tokenizer, and early config checks."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the config instead of loading its hyperparameters over it.
+
+        LightningCLI's version replaces the parsed model options by the checkpoint's, dropping what the
+        user wrote. Here the given config is what runs: a structural difference is refused (the
+        checkpoint's tensors would not fit), any other difference takes effect and is listed.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):  # resolved by Lightning later
+            return
+        if not Path(ckpt_path).is_file():
+            self.parser.error(f"ckpt_path: {ckpt_path} is not a file")
+        try:
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as err:  # any unreadable file: say which and why, before anything loads
+            self.parser.error(f"ckpt_path: {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {err})")
+        saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not saved:
+            return
+        given = config.model.as_dict()
+        try:
+            AdapterConfig(**dict(given.get("adapter") or {}))
+        except (TypeError, ValueError):
+            return  # the config's own mistake, reported by before_instantiate_classes
+        try:
+            structural, other = compare_with_checkpoint(saved, given)
+        except (TypeError, ValueError) as err:
+            self.parser.error(f"ckpt_path: {ckpt_path}: hyperparameters do not form an adapter config ({err})")
+        if structural:
+            self.parser.error(
+                f"ckpt_path: {ckpt_path} was trained with another adapter or base model than the config gives:\n  "
+                + "\n  ".join(structural)
+                + "\nResume with the run's own config (its config.yaml) or pass the checkpoint's values above; to "
+                "train another adapter, start a new run without --ckpt_path."
+            )
+        if other and subcommand == "fit":
+            print(
+                f"resuming from {ckpt_path} with options that differ from the checkpoint (the given ones take "
+                "effect):\n  " + "\n  ".join(other),
+                file=sys.stderr,
+            )
 
     def before_instantiate_classes(self) -> None:
         """Refuse a bad adapter config or task list before any model or data is loaded."""
@@ -32,12 +121,33 @@ class MoSLDCLI(LightningCLI):
                 AdapterConfig(**dict(adapter))
             except (TypeError, ValueError) as err:
                 self.parser.error(f"model.adapter.{err}")
+        errors = option_errors(config, self.subcommand)
+        if errors:
+            self.parser.error("; ".join(errors))
         for task in config.data.tasks or []:
             if task not in KNOWN_TASKS and not Path(task).exists():
                 self.parser.error(
                     f"data.tasks: {task!r} is neither a known task ({', '.join(KNOWN_TASKS)}) "
                     "nor an existing task file or folder"
                 )
+        if self.subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
+            print(
+                untrained_notice(self.subcommand, [Path(str(c)) for c in config.get("config") or []]), file=sys.stderr
+            )
+
+
+def untrained_notice(subcommand: str, config_files: list[Path]) -> str:
+    """What ``test`` (or ``validate``, ``predict``) without ``--ckpt_path`` evaluates, and the checkpoints at hand."""
+    lines = [
+        f"{subcommand}: no --ckpt_path given: evaluating the untrained adapter, i.e. the base model "
+        "(pass --ckpt_path to evaluate a trained one)"
+    ]
+    found = sorted({p for c in config_files for p in (c.parent / "checkpoints").glob("*.ckpt")})
+    if found:
+        lines.append("checkpoints of this run: " + ", ".join(str(p) for p in found))
+    elif config_files:
+        lines.append(f"no checkpoints found in {', '.join(str(c.parent / 'checkpoints') for c in config_files)}")
+    return "\n".join(lines)
 
 
 def end_distributed() -> None:
@@ -52,11 +162,20 @@ def end_distributed() -> None:
 
 
 def main(args: list[str] | None = None) -> MoSLDCLI:
-    return MoSLDCLI(
-        MoSLDModule,
-        MultiTaskDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    """Run the CLI. A run stopped by SIGTERM exits with status 143 (a resumable checkpoint written);
+    a diverged fit or bad task data exits with status 1 and a one-paragraph error, without a traceback."""
+    try:
+        return MoSLDCLI(
+            MoSLDModule,
+            MultiTaskDataModule,
+            # fresh callbacks each run: they hold per-run state
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FiniteGuard(), PreemptionCheckpoint()]},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except SIGTERMException:
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (NonFiniteError, TaskDataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -19,6 +19,7 @@ from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
 from ..evaluation import forward_parameters, score_batch, supports_prompt_sharing
 from ..models import load_base_model
+from .resume import adopt_optimizer_options
 
 
 def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor | None:
@@ -151,6 +152,17 @@ class MoSLDModule(L.LightningModule):
         if max_steps is not None and max_steps > 0 and self.global_step >= max_steps:
             self.trainer.should_stop = True
 
+    def on_train_start(self) -> None:
+        # A resumed fit restores the rate the checkpoint's schedule had reached; this run's schedule
+        # (its peak rate and length may differ) decides the rate of the first step too.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(
+                    scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+                ):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad]
         if not params:
@@ -282,6 +294,8 @@ class MoSLDModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        # the options given take effect over the optimizer state saved (see mosld.training.resume)
+        adopt_optimizer_options(checkpoint, self.hparams.learning_rate, self.hparams.weight_decay)
         if "state_dict" not in checkpoint:  # FSDP loads the weights itself, before this hook
             return
         expected = {clean_name(k) for k in self.state_dict() if is_adapter_parameter(k)}
