@@ -29,13 +29,12 @@ def adapted(arch: str, method: str, dtype: torch.dtype = torch.float64, **kw) ->
 
 def run(model: torch.nn.Module, ids: torch.Tensor, fused: bool, monkeypatch, seed: int = 3):
     """Loss, logits and the adapter gradients of one training step on the chosen path."""
-    with monkeypatch.context() as m:
-        if not fused:
-            m.setattr(MoSLDLinear, "_fused_path", lambda self: False)
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)
-        out = model(ids, labels=ids)
-        out.loss.backward()
+    for layer in mosld.adapter_layers(model).values():
+        layer.fused = fused
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(ids, labels=ids)
+    out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return out.loss.detach(), out.logits.detach(), grads
 
