@@ -41,15 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_time import SHAPES, apply_variant, build_base, machine_info, sync  # noqa: E402
 
-LAYER_VARIANTS = ("floor", "peft_d0", "peft_d05", "lora", "lora_fused", "mosld", "mosld_fused", "loop_mosld")
+LAYER_VARIANTS = ("floor", "peft_d0", "peft_d05", "lora", "mosld", "loop_mosld")
 LABELS = {
     "floor": "frozen projections only (floor)",
     "peft_d0": "peft LoRA r=8, dropout 0",
     "peft_d05": "peft LoRA r=8, dropout 0.05",
     "lora": "mosld `lora`",
     "mosld": "mosld `mosld`",
-    "lora_fused": "mosld `lora`, fused autograd op",
-    "mosld_fused": "mosld `mosld`, fused autograd op",
     "loop_mosld": "loop-over-experts MoSLD (reference)",
 }
 

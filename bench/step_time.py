@@ -53,7 +53,7 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 VARIANTS = ("floor", "peft_d0", "peft_d05", "lora", "mola", "mosl", "mosld", "loop_mosld")
 # Diagnostics for the GPU suite: mosld through the plain autograd path (what the fused op buys),
 # and mosld with bf16 adapter weights (what fp32 master weights cost in casts).
-EXTRA_VARIANTS = ("lora_fused", "mosld_fused", "mosld_bf16w")
+EXTRA_VARIANTS = ("mosld_bf16w",)
 COMPILED_VARIANTS = ("peft_d05", "mosld", "floor", "peft_d0")  # the compiled phase's subset, most important first
 REFERENCE = "peft_d0"  # ratio columns are to this and to peft_d05
 LABELS = {
@@ -65,8 +65,6 @@ LABELS = {
     "mosl": "mosld `mosl`",
     "mosld": "mosld `mosld`",
     "loop_mosld": "loop-over-experts MoSLD (reference)",
-    "lora_fused": "mosld `lora`, fused autograd op",
-    "mosld_fused": "mosld `mosld`, fused autograd op",
     "mosld_bf16w": "mosld `mosld`, bf16 adapter weights",
 }
 
@@ -242,7 +240,7 @@ def apply_variant(model: nn.Module, variant: str, shape: Shape, targets: tuple[s
         return peft.get_peft_model(model, config)  # adapter weights in fp32 (autocast_adapter_dtype)
     if variant == "loop_mosld":
         return inject_loop_mosld(model, targets, shape.experts, r=r, alpha=alpha, top_k=top_k, shared_dropout=0.1)
-    method = variant.removesuffix("_fused").removesuffix("_bf16w")
+    method = variant.removesuffix("_bf16w")
     config = mosld.AdapterConfig(
         method=method,
         r=r,
@@ -253,8 +251,6 @@ def apply_variant(model: nn.Module, variant: str, shape: Shape, targets: tuple[s
         adapter_dtype="bfloat16" if variant.endswith("_bf16w") else "float32",
     )
     model = mosld.inject_adapters(model, config)
-    for layer in mosld.adapter_layers(model).values():
-        layer.fused = variant.endswith("_fused")
     return model
 
 

@@ -17,7 +17,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .fused import fused_applies, fused_forward
 from .mixture import dropconnect, load_balancing_loss, mixture_delta, routing_probs, topk_gates
 
 ADAPTER_PREFIX = "lora_"  # every trainable tensor's name contains this; see is_adapter_parameter
@@ -117,7 +116,6 @@ class MoSLDLinear(nn.Module):
         # (batch, positions) attention mask of the model forward in progress, set by the model-level
         # hooks of ``mosld.adapters.inject._track_padding`` while statistics or the balancing loss are on
         self.token_mask: Tensor | None = None
-        self.fused = False  # see ``mosld.adapters.fused``
         self.reset_adapter_parameters()
 
     @property
@@ -149,8 +147,6 @@ class MoSLDLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        if self.fused and fused_applies(self):
-            return fused_forward(self, x)
         out = self.base_layer(x)
         return out + self.adapter_delta(x).to(out.dtype)
 
