@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import REPO, tiny_model
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
@@ -15,6 +16,7 @@ from mosld.adapters.layer import is_adapter_parameter
 from mosld.training.cli import main
 
 CONFIGS = REPO / "configs"
+PAPER = CONFIGS / "paper"
 DEFAULT = str(CONFIGS / "mosld.yaml")
 EXAMPLE_TASK = str(REPO / "data" / "example_task")
 
@@ -44,17 +46,53 @@ def tiny_run_args(model_dir: str, root: Path, *extra: str) -> list[str]:
     ]
 
 
+def print_config(capsys, *configs: Path) -> str:
+    """The resolved config the CLI prints for ``fit --config A --config B ...``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *(arg for path in configs for arg in ("--config", str(path))), "--print_config"])
+    assert exit_info.value.code in (0, None), configs
+    return capsys.readouterr().out
+
+
 def test_every_shipped_config_parses(capsys):
-    """Configs never rot: each YAML (presets on top of the default) goes through the CLI parser."""
+    """Configs never rot: each YAML goes through the CLI parser, presets on top of the default and
+    paper methods on top of the paper base."""
     configs = sorted(CONFIGS.rglob("*.yaml"))
-    assert len(configs) >= 9
+    assert len(configs) >= 10
     for path in configs:
-        stack = ["--config", DEFAULT] if "presets" in path.parts else []
-        with pytest.raises(SystemExit) as exit_info:
-            main(["fit", *stack, "--config", str(path), "--print_config"])
-        assert exit_info.value.code in (0, None), path
-        printed = capsys.readouterr().out
+        stack = {"presets": [DEFAULT], "paper": [PAPER / "base.yaml"]}.get(path.parent.name, [])
+        printed = print_config(capsys, *stack, path)
         assert "adapter:" in printed and "tasks:" in printed, path
+
+
+def contains(resolved: object, expected: object, where: str = "") -> list[str]:
+    """Settings of ``expected`` that ``resolved`` lacks or sets otherwise (``resolved`` may have more keys).
+
+    Our own callbacks are compared by class path and shared init arguments: their defaults are not
+    set by the paper files and may grow new options.
+    """
+    if isinstance(expected, dict) and isinstance(resolved, dict):
+        if str(expected.get("class_path", "")).startswith("mosld."):
+            ours, theirs = expected.get("init_args") or {}, resolved.get("init_args") or {}
+            expected = {
+                "class_path": expected["class_path"],
+                "init_args": {k: ours[k] for k in set(ours) & set(theirs)},
+            }
+            resolved = {"class_path": resolved.get("class_path"), "init_args": theirs}
+        return [d for k in expected for d in contains(resolved.get(k), expected[k], f"{where}.{k}")]
+    if isinstance(expected, list) and isinstance(resolved, list) and len(expected) == len(resolved):
+        return [
+            d for i, (r, e) in enumerate(zip(resolved, expected, strict=True)) for d in contains(r, e, f"{where}[{i}]")
+        ]
+    return [] if resolved == expected else [f"{where}: {resolved!r} instead of {expected!r}"]
+
+
+@pytest.mark.parametrize("method", ["lora", "mola", "mosl", "mosld", "share_b"])
+def test_paper_base_plus_method_equals_the_config_of_the_former_single_file(method, capsys):
+    """tests/data/paper_configs/ holds each method's resolved config from before the split."""
+    resolved = yaml.safe_load(print_config(capsys, PAPER / "base.yaml", PAPER / f"{method}.yaml"))
+    expected = yaml.safe_load((REPO / "tests" / "data" / "paper_configs" / f"{method}.yaml").read_text())
+    assert contains(resolved, expected) == []
 
 
 @pytest.mark.parametrize(
