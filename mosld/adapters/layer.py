@@ -145,9 +145,9 @@ class MoSLDLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
-            return self.base_layer(x)
         out = self.base_layer(x)
+        if self.merged:
+            return out
         return out + self.adapter_delta(x).to(out.dtype)
 
     def adapter_delta(self, x: Tensor) -> Tensor:
@@ -159,8 +159,11 @@ class MoSLDLinear(nn.Module):
         return delta.view(*leading_shape, self.out_features)
 
     def route(self, logits: Tensor, leading_shape: torch.Size | None = None) -> Tensor:
-        """The gates (T, N) from router logits (``topk_gates``); records the routing statistics and
-        the balancing loss when they are on (``leading_shape``: x's, to leave padding out)."""
+        """The gates (T, N) from router logits: the one place the layer routes (``topk_gates``).
+
+        Also records the routing statistics and the balancing loss when they are on
+        (``leading_shape``: x's, to leave padding out of both).
+        """
         gates = topk_gates(logits, self.top_k)
         aux = self.compute_aux_loss and self.training
         self.aux_loss = None
@@ -174,10 +177,6 @@ class MoSLDLinear(nn.Module):
             if aux:
                 self.aux_loss = load_balancing_loss(probs, gates, self.top_k, token_weight)
         return gates
-
-    def input_dropout_active(self) -> bool:
-        """LoRA dropout on the adapter's input applies (training, ``lora_dropout > 0``)."""
-        return self.training and isinstance(self.lora_dropout, nn.Dropout)
 
     def compute_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the adapter math: the narrower of the input's and the adapter's.
