@@ -21,7 +21,7 @@ from ..evaluation import answer_logits, forward_parameters, score_batch, support
 from ..models import load_base_model
 
 
-def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor | None:
+def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Mean cross-entropy over the answer tokens, from logits at the answer positions only.
 
     ``mosld.evaluation.answer_logits`` (the same helper evaluation scores with) asks the model for
