@@ -28,4 +28,4 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: setup
-	$(PY) bench/step_time.py
+	$(PY) -m bench.step_time

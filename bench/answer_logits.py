@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Training-step time with logits at the answer positions only vs at every position.
 
 The training module asks the model for logits only where the loss is (the positions that predict
@@ -9,7 +8,7 @@ and reports medians and their ratio. Needs the benchmark data (``--data-dir`` or
 
 Example::
 
-    python bench/answer_logits.py --data-dir ../shared/data --batches 12
+    python -m bench.answer_logits --data-dir ../shared/data --batches 12
 """
 
 from __future__ import annotations
@@ -17,19 +16,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mosld  # noqa: E402
-from mosld.data import MultiTaskDataModule  # noqa: E402
-from mosld.data.tasks import PAPER_TASKS  # noqa: E402
-from mosld.models import load_base_model  # noqa: E402
-from mosld.training.module import answer_logits_loss  # noqa: E402
+import mosld
+from mosld.data import MultiTaskDataModule
+from mosld.data.tasks import PAPER_TASKS
+from mosld.models import load_base_model
+from mosld.training.module import answer_logits_loss
 
 
 def main(argv: list[str] | None = None) -> dict:

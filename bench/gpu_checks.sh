@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything the GPU must show, in one run (about 8 minutes on one H100):
-#   1. issue 5: bench/step_time.py --gpu-suite (Llama-shaped bf16 model + SmolLM2 shape, eager and
+#   1. python -m bench.step_time --gpu-suite (Llama-shaped bf16 model + SmolLM2 shape, eager and
 #      compiled, every variant side by side), results.json/results.md in $OUT;
-#   2. issue 5: bench/layer_time.py on both shapes (the adapted projections of one decoder layer:
+#   2. python -m bench.layer_time on both shapes (the adapted projections of one decoder layer:
 #      the adapter's own cost and ATen operators per call, no frozen model around it);
-#   3. issue 6, only with 2+ GPUs: the FSDP test of tests/test_distributed.py (NCCL): a 4-step run,
+#   3. only with 2+ GPUs: the FSDP test of tests/test_distributed.py (NCCL): a 4-step run,
 #      an 8-step run and the 4-step run resumed to 8 (FSDP needs at least two processes).
 # Usage (from the repo root): OUT=/some/folder bash bench/gpu_checks.sh
 # Needs torch, transformers, lightning, peft and pytest; MOSLD_TEST_TOKENIZER may name a tokenizer
@@ -21,13 +21,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 echo "== 1. step time / memory suite"
 SECONDS=0
-timeout "${BENCH_TIMEOUT:-420}" python bench/step_time.py --gpu-suite --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout "${BENCH_TIMEOUT:-420}" python -m bench.step_time --gpu-suite --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
 echo "bench: rc ${PIPESTATUS[0]}, ${SECONDS}s"
 
 echo "== 2. adapter cost per decoder layer"
 SECONDS=0
 for shape in llama2k smollm2; do
-  timeout 60 python bench/layer_time.py --device cuda --shape "$shape" --json "$OUT/layer-$shape.json" 2>&1 \
+  timeout 60 python -m bench.layer_time --device cuda --shape "$shape" --json "$OUT/layer-$shape.json" 2>&1 \
     | tee "$OUT/layer-$shape.md"
 done
 echo "layer bench: ${SECONDS}s"

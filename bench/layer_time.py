@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """What the adapter itself costs: forward + backward of the adapted projections of one decoder layer.
 
-``bench/step_time.py`` times whole training steps, where the frozen model dominates on small
+``bench.step_time`` times whole training steps, where the frozen model dominates on small
 shapes (on the CPU SmolLM2 shape q/v adapters are a few per cent of a step), so step ratios
 cannot separate adapter implementations. This script times only the target projections of one
 decoder layer of the same shape, for every variant, round-robin in one process:
@@ -17,9 +16,9 @@ experts and top-k are those of the shape's first decoder layer (SmolLM2: 8 exper
 
 Examples::
 
-    python bench/layer_time.py                       # CPU, SmolLM2 shape, q/v
-    python bench/layer_time.py --shape llama2k       # all seven projections of the Llama shape
-    python bench/layer_time.py --device cuda --shape llama2k --tokens 4096
+    python -m bench.layer_time                       # CPU, SmolLM2 shape, q/v
+    python -m bench.layer_time --shape llama2k       # all seven projections of the Llama shape
+    python -m bench.layer_time --device cuda --shape llama2k --tokens 4096
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,9 +35,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from step_time import SHAPES, apply_variant, build_base, machine_info, sync  # noqa: E402
+from bench.report import machine_info
+from bench.runner import sync
+from bench.variants import SHAPES, apply_variant, build_base
 
 LAYER_VARIANTS = ("floor", "peft_d0", "peft_d05", "lora", "mosld", "loop_mosld")
 LABELS = {

@@ -47,20 +47,43 @@ def supports_prompt_sharing(model: torch.nn.Module) -> bool:
     return {"position_ids", "logits_to_keep"} <= params and bool({"cache", "past_key_values"} & params)
 
 
+def answer_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits only at the positions that predict answer tokens, from one forward of the whole batch.
+
+    Position t predicts token t + 1, so the kept positions are those whose next label is not -100.
+    The model is asked for logits there only (Hugging Face's ``logits_to_keep`` with a boolean
+    (batch, length) mask): the vocabulary projection and its backward run on the answer tokens rather
+    than on every prompt and padding position. A model without ``logits_to_keep``, or one that ignores
+    a 2-D mask, returns every position's logits, which are indexed here instead: same result.
+
+    Args:
+        model: Causal LM called as ``model(input_ids=..., attention_mask=...).logits``.
+        batch: ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the answers), (batch, length).
+
+    Returns:
+        ``logits`` (A, vocab) at the A answer-predicting positions in row-major order, ``targets`` (A,)
+        the answer tokens they predict, and ``rows`` (A,) the batch row of each.
+    """
+    labels = batch["labels"]
+    keep = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))  # (batch, length)
+    kwargs = {"logits_to_keep": keep} if "logits_to_keep" in forward_parameters(model) else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    if logits.dim() == 3 and logits.shape[:2] == keep.shape:  # every position's logits
+        logits = logits[keep]
+    targets = labels[:, 1:][keep[:, :-1]]
+    if logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"answer_logits: the model returned logits of shape {tuple(logits.shape)} for a (batch, length) "
+            f"logits_to_keep mask with {targets.shape[0]} positions; expected ({targets.shape[0]}, vocab)"
+        )
+    return logits, targets, keep.nonzero()[:, 0]
+
+
 def _choice_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Summed log-probability of each sequence's answer tokens, from one forward of the whole batch."""
-    targets = batch["labels"][:, 1:]
-    mask = targets != -100
-    kwargs = {}
-    if "logits_to_keep" in forward_parameters(model):
-        # Logits only at columns that predict an answer token: the LM head is a fifth of a small model's cost.
-        keep = mask.any(dim=0).nonzero().squeeze(1)
-        targets, mask = targets[:, keep], mask[:, keep]
-        kwargs["logits_to_keep"] = keep
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
-    logits = logits[:, : targets.shape[1]]  # without logits_to_keep: drop the last column, which predicts nothing
-    token_logp = logits[mask].float().log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(len(mask), device=logits.device).index_add_(0, mask.nonzero()[:, 0], token_logp)
+    logits, targets, rows = answer_logits(model, batch)
+    token_logp = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(len(batch["labels"]), device=logits.device).index_add_(0, rows, token_logp)
 
 
 def _choice_logprobs_shared_prompt(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -29,7 +29,8 @@ def run_script(*args: str) -> str:
 @pytest.mark.slow
 def test_gpu_suite_code_path_reports_every_variant(tmp_path):
     run_script(
-        "bench/step_time.py",
+        "-m",
+        "bench.step_time",
         *("--gpu-suite", "--device", "cpu", "--shape", "tiny", "--out-dir", str(tmp_path)),
         *("--rounds", "1", "--steps", "1", "--warmup", "1"),
     )
@@ -47,7 +48,9 @@ def test_gpu_suite_code_path_reports_every_variant(tmp_path):
 
 def test_layer_bench_times_every_variant_and_counts_operators(tmp_path):
     out = tmp_path / "layer.json"
-    stdout = run_script("bench/layer_time.py", "--shape", "tiny", "--rounds", "2", "--calls", "1", "--json", str(out))
+    stdout = run_script(
+        "-m", "bench.layer_time", "--shape", "tiny", "--rounds", "2", "--calls", "1", "--json", str(out)
+    )
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert set(rows) == {"floor", "peft_d0", "peft_d05", "lora", "mosld", "loop_mosld"}

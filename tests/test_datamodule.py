@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import EXAMPLE_TASK, SHARED_DATA, TEST_TOKENIZER
+from helpers import EXAMPLE_TASK, SHARED_DATA, TEST_TOKENIZER
 
 import mosld.data.datamodule as datamodule_module
 from mosld.data import MultiTaskDataModule, encode_examples, load_task

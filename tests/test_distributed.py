@@ -1,4 +1,4 @@
-"""DDP on two CPU processes (gloo) against the single-process run (issue 6)."""
+"""DDP on two CPU processes (gloo) against the single-process run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 SCRIPT = REPO / "tests" / "distributed_run.py"
 # The FSDP test runs on 2 CPU processes (gloo) by default; MOSLD_TEST_ACCELERATOR=gpu runs it on

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import EMBEDDED, EXAMPLE_TASK, SHARED_DATA, TEST_TOKENIZER
+from helpers import EMBEDDED, EXAMPLE_TASK, SHARED_DATA, TEST_TOKENIZER
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mosld.data import MultiTaskDataModule, encode_examples, load_task

@@ -10,7 +10,7 @@ Method = Literal["lora", "mola", "mosl", "mosld", "share_b"]
 METHODS: tuple[str, ...] = ("lora", "mola", "mosl", "mosld", "share_b")
 ADAPTER_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
 
-# What each method means (PAPER.md, "Variants the paper compares"). Fields left as None in
+# What each method means (docs/method.md, the table under "The layer"). Fields left as None in
 # AdapterConfig take these values; anything set explicitly wins.
 METHOD_DEFAULTS: dict[str, dict] = {
     "lora": {"share": None, "shared_dropout": 0.0, "num_experts": 1, "top_k": 1},

@@ -17,30 +17,19 @@ from torch import Tensor
 from ..adapters import AdapterConfig, adapter_layers, aux_loss, count_parameters, inject_adapters, set_aux_loss
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
-from ..evaluation import forward_parameters, score_batch, supports_prompt_sharing
+from ..evaluation import answer_logits, forward_parameters, score_batch, supports_prompt_sharing
 from ..models import load_base_model
 from .resume import adopt_optimizer_options
 
 
-def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor | None:
-    """Mean cross-entropy over the answer tokens, projecting onto the vocabulary only where it counts.
+def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean cross-entropy over the answer tokens, from logits at the answer positions only.
 
-    ``batch["loss_positions"]`` (B, K) holds the positions whose next token is an answer token and
-    ``batch["loss_targets"]`` (B, K) those tokens (-100 where a row has fewer). The model is asked for
-    logits at those positions only (Hugging Face's ``logits_to_keep`` with a 2-D index tensor), so the
-    vocabulary projection and its backward run on K positions per row rather than on every prompt and
-    padding position; the loss equals the model's own ``labels=`` loss. Returns None when the model
-    does not return (B, K, vocab) logits for such an index (older transformers, remote code): the
-    caller then uses the full-logits path.
+    ``mosld.evaluation.answer_logits`` (the same helper evaluation scores with) asks the model for
+    those positions only; the loss equals the model's own ``labels=`` loss.
     """
-    positions, targets = batch["loss_positions"], batch["loss_targets"]
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
-    ).logits
-    if logits.dim() != 3 or logits.shape[:2] != positions.shape:
-        return None
-    # fp32 like the models' own loss; mean over the answer tokens of the batch
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    logits, targets, _ = answer_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)  # fp32 like the models' own loss
 
 
 # Per-task sums accumulated over an evaluation epoch, reduced across ranks at its end.

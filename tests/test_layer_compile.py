@@ -47,7 +47,9 @@ def test_compiled_under_cpu_autocast_matches_eager():
     assert out_c.dtype == out_e.dtype == torch.bfloat16
     torch.testing.assert_close(out_c, out_e, atol=2e-2, rtol=2e-2)
     for name, g in grads_e.items():
-        torch.testing.assert_close(grads_c[name], g, atol=2e-2, rtol=2e-2, msg=name)
+        # inductor keeps fused elementwise intermediates in fp32 where eager rounds them to bf16
+        scale = g.abs().max().item()
+        torch.testing.assert_close(grads_c[name], g, atol=1e-2 * scale, rtol=2e-2, msg=name)
 
 
 def test_compiled_dropconnect_trains_and_is_exact_at_evaluation():
