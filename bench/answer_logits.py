@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             if i > 0:  # the first batch warms up
                 times[name].append(elapsed)
                 losses[name].append(loss.item())
-    kept = [int((b["loss_targets"] != -100).sum()) for b in batches[1:]]
+    kept = [int((b["labels"] != -100).sum()) for b in batches[1:]]
     positions = [b["input_ids"].numel() for b in batches[1:]]
     every, answers = (statistics.median(times[k]) for k in times)
     result = {

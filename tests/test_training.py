@@ -225,8 +225,6 @@ def test_loss_from_answer_position_logits_equals_the_models_own_loss_and_gradien
         ([14, 15, 16, 17, 18, 19, 20, 21], [-100, -100, -100, 17, 18, 19, 20, 21]),
     ]
     batch = TrainCollator(pad_id=0)([(ids, labels, 0) for ids, labels in rows])
-    assert batch["loss_positions"].tolist() == [[3, 4, 0, 0, 0], [1, 0, 0, 0, 0], [2, 3, 4, 5, 6]]
-    assert batch["loss_targets"].tolist() == [[9, 10, -100, -100, -100], [13] + [-100] * 4, [17, 18, 19, 20, 21]]
 
     sliced = answer_logits_loss(model, batch)
     grads_sliced = torch.autograd.grad(sliced, [p for p in model.parameters() if p.requires_grad])

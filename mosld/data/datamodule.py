@@ -107,13 +107,8 @@ class ResumableLoader(DataLoader):
 
 
 class TrainCollator:
-    """Right-pads a training batch to its longest sequence.
-
-    Besides ids, mask and labels, each batch says where the loss is: ``loss_positions`` (batch, K),
-    the positions whose next-token prediction is an answer token, and ``loss_targets`` (batch, K),
-    those tokens (rows padded with position 0 and target -100). A model can then compute its
-    vocabulary projection at those positions only, instead of at every prompt and padding position.
-    """
+    """Right-pads a training batch to its longest sequence: ids, attention mask, labels (-100 outside the
+    answer) and task ids."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -121,17 +116,11 @@ class TrainCollator:
     def __call__(self, batch: Sequence[tuple[list[int], list[int], int]]) -> dict[str, torch.Tensor]:
         ids, labels, task_ids = zip(*batch, strict=True)
         input_ids = _pad(ids, self.pad_id)
-        # position t predicts token t + 1
-        positions = [[t for t in range(len(row) - 1) if row[t + 1] != IGNORE_INDEX] for row in labels]
         return {
             "input_ids": input_ids,
             "attention_mask": _pad([[1] * len(s) for s in ids], 0),
             "labels": _pad(labels, IGNORE_INDEX),
             "task_ids": torch.tensor(task_ids, dtype=torch.long),
-            "loss_positions": _pad(positions, 0),
-            "loss_targets": _pad(
-                [[row[t + 1] for t in p] for row, p in zip(labels, positions, strict=True)], IGNORE_INDEX
-            ),
         }
 
 

@@ -11,13 +11,12 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..adapters import AdapterConfig, adapter_layers, aux_loss, count_parameters, inject_adapters, set_aux_loss
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
-from ..evaluation import answer_logits, forward_parameters, score_batch, supports_prompt_sharing
+from ..evaluation import answer_logits, score_batch, supports_prompt_sharing
 from ..models import load_base_model
 from .resume import adopt_optimizer_options
 
@@ -76,8 +75,6 @@ class MoSLDModule(L.LightningModule):
         # Checkpoints hold only adapter tensors, so the frozen base keys are absent on load.
         self.strict_loading = False
         self._sums: dict[str, Tensor] = {}
-        # whether the model computes logits at the answer positions only (None: not tried yet)
-        self._answer_logits_only: bool | None = None
 
     def configure_model(self) -> None:
         """Load the base and inject adapters; runs once, inside the strategy's context (FSDP)."""
@@ -107,16 +104,7 @@ class MoSLDModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        lm_loss = None
-        if self._answer_logits_only is None:
-            self._answer_logits_only = "logits_to_keep" in forward_parameters(self.base)
-        if self._answer_logits_only and "loss_positions" in batch:
-            lm_loss = answer_logits_loss(self.model, batch)
-            if lm_loss is None:
-                self._answer_logits_only = False
-                rank_zero_info("the model ignores a 2-D logits_to_keep: logits are computed at every position")
-        if lm_loss is None:
-            lm_loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+        lm_loss = answer_logits_loss(self.model, batch)
         loss = lm_loss
         balance = aux_loss(self.base) if self.adapter_config.aux_loss_coef > 0 else None
         if balance is not None:
