@@ -353,6 +353,8 @@ class MoSLDLinear(nn.Module):
         # (batch, positions) attention mask of the model forward in progress, set by the model-level
         # hooks of ``mosld.adapters.inject._track_padding`` while statistics or the balancing loss are on
         self.token_mask: Tensor | None = None
+        # (N,) gates used for every token instead of the router's, when set (mosld.adapters.static)
+        self.static_gates: Tensor | None = None
         self._plans: dict[tuple, _Plan] = {}  # see _plan
         # Fixed at construction; plain attributes because nn.Module's __getattr__ (submodules,
         # parameters) costs about a microsecond per lookup on the per-call path.
@@ -401,7 +403,10 @@ class MoSLDLinear(nn.Module):
         return probs, self.gates(logits)
 
     def gates(self, logits: Tensor) -> Tensor:
-        """Renormalised top-k gates (T, N) from router logits, without the full softmax."""
+        """Renormalised top-k gates (T, N) from router logits, without the full softmax; with
+        ``static_gates`` set, those gates for every token instead."""
+        if self.static_gates is not None:
+            return self.static_gates.to(logits.dtype).expand_as(logits)
         return _topk_gates(logits, self.top_k)
 
     def load_balancing_loss(self, probs: Tensor, gates: Tensor, token_weight: Tensor | None = None) -> Tensor:
@@ -464,9 +469,9 @@ class MoSLDLinear(nn.Module):
         """The fused op covers the training hot path; the autograd path serves what needs more.
 
         The full softmax (statistics, balancing loss) and a routed layer whose A reads dropout(x)
-        while the router reads x take the autograd path.
+        while the router reads x take the autograd path, and so do fixed gates (``static_gates``).
         """
-        if self.collect_router_stats or (self.compute_aux_loss and self.training):
+        if self.static_gates is not None or self.collect_router_stats or (self.compute_aux_loss and self.training):
             return False
         return not (self._routed and self._input_dropout_active())
 
