@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import shlex
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.train_items < 1:
         parser.error(f"--train-items: expected a positive number, got {args.train_items}")
+    if args.verify and importlib.util.find_spec("peft") is None:
+        parser.error("--verify loads the exports with peft, which is not installed (pip install peft)")
     out = args.out or args.run / "peft"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         parser.error(f"--out: {out} exists and is not empty; choose a new folder")
