@@ -157,6 +157,7 @@ def mean_gates(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> dic
         model.train(was_training)
     if tokens == 0:
         raise ValueError("mean_gates: the batches hold no real (non-padding) tokens")
+    # every token's gates sum to 1, so s.sum() is the token count; dividing by it makes the sum exact
     return {name: (s / s.sum()).float() for name, s in sums.items()}
 
 
