@@ -217,13 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
         summary["adapters"][task] = {**entry, "gates": {k: v.tolist() for k, v in task_gates.items()}}
         print(f"{task}: {folder}  " + ", ".join(f"{k}={v}" for k, v in entry.items() if k != "folder"), flush=True)
 
+    (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")  # kept if the evaluation is cut short
     if args.eval_limit:
         rows = measure(model, data, gates, args.eval_limit, args.data_dir)
         summary["accuracy"] = rows
         command = "python scripts/export_peft.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         print(f"\n`{command}` (test split, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s)\n")
         print(accuracy_table(rows, normalised_entropy(gates[MIXTURE])))
-    (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
