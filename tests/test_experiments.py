@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import yaml
-from conftest import EXAMPLE_TASK, REPO
+from helpers import EXAMPLE_TASK, REPO
 
 from mosld.experiments import binomial_two_sided, load_protocol, mcnemar_exact, mean_sd, paired_bootstrap
 from mosld.experiments.__main__ import main as experiments_main

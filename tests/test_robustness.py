@@ -17,9 +17,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, tiny_model
+from helpers import REPO, tiny_model, tiny_run_args
 from safetensors.torch import load_file
-from test_training import tiny_run_args
 
 import mosld
 from mosld.training.cli import main

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, tiny_model
+from helpers import DEFAULT_CONFIG, REPO, tiny_model, tiny_run_args
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
@@ -17,33 +17,7 @@ from mosld.training.cli import main
 
 CONFIGS = REPO / "configs"
 PAPER = CONFIGS / "paper"
-DEFAULT = str(CONFIGS / "mosld.yaml")
-EXAMPLE_TASK = str(REPO / "data" / "example_task")
-
-
-def tiny_run_args(model_dir: str, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        DEFAULT,
-        "--model.model_name_or_path",
-        model_dir,
-        "--data.tasks",
-        f"[{EXAMPLE_TASK}]",
-        "--data.max_eval_examples",
-        "4",
-        "--data.num_samples_per_epoch",
-        "40",
-        "--data.batch_size",
-        "4",
-        "--data.cache_dir",
-        str(root / "cache"),
-        "--trainer.precision",
-        "32-true",
-        "--trainer.default_root_dir",
-        str(root),
-        *extra,
-    ]
+DEFAULT = DEFAULT_CONFIG
 
 
 def print_config(capsys, *configs: Path) -> str:

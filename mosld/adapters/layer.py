@@ -116,6 +116,8 @@ class MoSLDLinear(nn.Module):
         # (batch, positions) attention mask of the model forward in progress, set by the model-level
         # hooks of ``mosld.adapters.inject._track_padding`` while statistics or the balancing loss are on
         self.token_mask: Tensor | None = None
+        # (N,) gates used for every token instead of the router's, when set (mosld.adapters.static)
+        self.static_gates: Tensor | None = None
         self.reset_adapter_parameters()
 
     @property
@@ -162,8 +164,12 @@ class MoSLDLinear(nn.Module):
         """The gates (T, N) from router logits: the one place the layer routes (``topk_gates``).
 
         Also records the routing statistics and the balancing loss when they are on
-        (``leading_shape``: x's, to leave padding out of both).
+        (``leading_shape``: x's, to leave padding out of both). With ``static_gates`` set, those gates
+        for every token instead (no statistics, no balancing loss).
         """
+        if self.static_gates is not None:
+            self.aux_loss = None
+            return self.static_gates.to(logits.dtype).expand_as(logits)
         gates = topk_gates(logits, self.top_k)
         aux = self.compute_aux_loss and self.training
         self.aux_loss = None
