@@ -282,6 +282,17 @@ def test_option_mistakes_are_one_usage_error_before_anything_loads(subcommand, o
     assert not (tmp_path / "lightning_logs").exists()
 
 
+def test_target_modules_matching_nothing_are_refused_before_the_weights_load(tiny_model_dir, tmp_path, capsys):
+    # the module names come from the model's config on the meta device
+    args = ["fit", "--config", DEFAULT_CONFIG, "--model.model_name_or_path", tiny_model_dir]
+    override = ["--model.adapter.target_modules", "[q_proj, attn_qkv]", "--trainer.default_root_dir", str(tmp_path)]
+    assert run_cli([*args, *override]) == 2
+    err = capsys.readouterr().err
+    assert "model.adapter.target_modules: 'attn_qkv' matches no module of this LlamaForCausalLM" in err, err[-1500:]
+    assert "q_proj" in err and "Traceback" not in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
 # ------------------------------------------------------------------------------------ data files
 
 

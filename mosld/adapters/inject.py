@@ -38,6 +38,19 @@ def find_target_modules(model: nn.Module, target_modules: tuple[str, ...]) -> di
     return found
 
 
+def check_targets(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Module]:
+    """``find_target_modules``, refusing a target that matches no module (ValueError naming it and the
+    model's linear layers); works on a model built on the meta device, before any weights load."""
+    targets = find_target_modules(model, target_modules)
+    for t in target_modules:
+        if not any(_matches(name, t) for name in targets):
+            raise ValueError(
+                f"target_modules: {t!r} matches no module of this {type(model).__name__}; "
+                f"linear layers it has: {sorted(_linear_leaf_names(model))}"
+            )
+    return targets
+
+
 def layer_index(module_name: str) -> int:
     """Decoder layer of a module, from the first number in its dotted name (``model.layers.3.…`` -> 3)."""
     match = _LAYER_INDEX.search("." + module_name + ".")
@@ -63,13 +76,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     if any(isinstance(m, MoSLDLinear) for m in model.modules()):
         raise ValueError("model already has adapters; load a fresh base model to inject again")
-    targets = find_target_modules(model, config.target_modules)
-    for t in config.target_modules:
-        if not any(_matches(name, t) for name in targets):
-            raise ValueError(
-                f"target_modules: {t!r} matches no module of this {type(model).__name__}; "
-                f"linear layers it has: {sorted(_linear_leaf_names(model))}"
-            )
+    targets = check_targets(model, config.target_modules)
     experts = config.experts_per_layer(num_decoder_layers(model))
     dtype = _DTYPES[config.adapter_dtype]
     for p in model.parameters():

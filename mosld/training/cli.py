@@ -11,7 +11,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..adapters import AdapterConfig
+from ..adapters.inject import check_targets
 from ..data import KNOWN_TASKS, MultiTaskDataModule, TaskDataError
+from ..models import meta_model
 from .module import MoSLDModule
 from .resume import compare_with_checkpoint
 from .safety import PREEMPTED_EXIT_CODE, FiniteGuard, NonFiniteError, PreemptionCheckpoint
@@ -121,6 +123,13 @@ class MoSLDCLI(LightningCLI):
                 AdapterConfig(**dict(adapter))
             except (TypeError, ValueError) as err:
                 self.parser.error(f"model.adapter.{err}")
+        if adapter is not None and config.model.get("model_name_or_path"):
+            skeleton = meta_model(config.model.model_name_or_path, bool(config.model.get("trust_remote_code")))
+            if skeleton is not None:
+                try:
+                    check_targets(skeleton, AdapterConfig(**dict(adapter)).target_modules)
+                except ValueError as err:
+                    self.parser.error(f"model.adapter.{err}")
         errors = option_errors(config, self.subcommand)
         if errors:
             self.parser.error("; ".join(errors))
