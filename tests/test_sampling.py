@@ -133,3 +133,16 @@ def test_length_grouped_sampler_resumes_mid_epoch():
     sampler.start_at(12)
     assert list(sampler) == full[12:]
     assert list(sampler) == full  # only the next pass is shifted
+
+
+def test_length_grouped_ranks_train_on_the_global_batches_of_one_process():
+    lengths = [int(x) for x in torch.randint(5, 250, (300,), generator=torch.Generator().manual_seed(2))]
+
+    def sampler(batch_size, world_size=1, rank=0):
+        return TemperatureSampler([150, 150], 2.0, 256, 5, rank, world_size, lengths=lengths,
+                                  batch_size=batch_size, group_batches=4)  # fmt: skip
+
+    one = list(sampler(8))
+    ranks = [list(sampler(4, 2, r)) for r in range(2)]
+    for b in range(0, 256, 8):  # global batch b // 8: rank 0's batch, then rank 1's, is the one process's
+        assert ranks[0][b // 2 : b // 2 + 4] + ranks[1][b // 2 : b // 2 + 4] == one[b : b + 8]

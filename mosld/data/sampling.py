@@ -71,9 +71,10 @@ class TemperatureSampler(Sampler[int]):
     positions r, r + W, r + 2W, ... of it, truncated so that every rank gets the same number of indices.
 
     With ``lengths`` and ``group_batches > 1`` the sequence is instead cut into length-grouped global
-    batches (``length_grouped_batches``, pools of ``group_batches`` batches per rank) and rank r takes
-    batches r, r + W, ...: consecutive ``batch_size`` indices of a rank's shard are one batch of similar
-    lengths. A last global batch short of ``W * batch_size`` is dealt out evenly over the ranks.
+    batches of ``W * batch_size`` (``length_grouped_batches``, pools of ``group_batches`` global batches)
+    and rank r takes the r-th ``batch_size`` slice of each: consecutive ``batch_size`` indices of a rank's
+    shard are one batch of similar lengths, and W ranks train on the global batches that one process with
+    batch size ``W * batch_size`` would. A last global batch short of ``W * batch_size`` is dealt out evenly.
 
     Args:
         sizes: Training examples per task; task i owns global indices ``sum(sizes[:i]) .. sum(sizes[:i+1]) - 1``.
@@ -84,7 +85,7 @@ class TemperatureSampler(Sampler[int]):
         world_size: Number of processes.
         lengths: Sequence length of every global index, for length grouping.
         batch_size: Per-rank batch size the loader cuts the shard into (length grouping only).
-        group_batches: Per-rank batches in each length-sorted pool; 1 turns grouping off.
+        group_batches: Global batches in each length-sorted pool; 1 turns grouping off.
     """
 
     def __init__(
@@ -157,13 +158,14 @@ class TemperatureSampler(Sampler[int]):
             return indices[self.rank : len(self) * self.world_size : self.world_size]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_919)
         indices = indices[: len(self) * self.world_size]
-        full = len(indices) // (self.batch_size * self.world_size) * self.batch_size * self.world_size
-        batches = length_grouped_batches(
-            indices[:full], self.lengths, self.batch_size, self.group_batches * self.world_size, generator
-        )
+        global_batch = self.batch_size * self.world_size
+        full = len(indices) // global_batch * global_batch
+        batches = length_grouped_batches(indices[:full], self.lengths, global_batch, self.group_batches, generator)
+        # rank r takes the r-th slice of every global batch: W ranks see what one process with batch W * B would
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         # the last, short global batch is dealt out evenly, so that every rank gets len(self) indices
         tail = sorted(indices[full:], key=lambda i: self.lengths[i])[self.rank :: self.world_size]
-        return [i for batch in batches[self.rank :: self.world_size] for i in batch] + tail
+        return [i for batch in batches for i in batch[mine]] + tail
 
     def __iter__(self) -> Iterator[int]:
         start, self._start = self._start, 0
