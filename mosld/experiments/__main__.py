@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = args.results_dir or Path("experiments/results") / protocol.name
         if args.command == "aggregate":
             out = args.out or Path("docs/results.md" if protocol.name == "cpu" else f"docs/results_{protocol.name}.md")
-            aggregate(results_dir, out)
+            aggregate(results_dir, out, expected_runs=[run.name for run in protocol.runs()])
             print(f"wrote {out}")
             return 0
         runs = protocol.runs(parse_only(args.only))
