@@ -334,6 +334,10 @@ def test_a_benchmark_item_with_a_repeated_choice_is_kept_with_a_warning(tmp_path
         examples = load_task("arc_easy", "test", tmp_path)
     assert len(examples) == 2  # as published, comparable with reported scores
     assert f"1 items repeat a choice (first at {folder / 'test.jsonl'}:1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert len(load_task("arc_easy", "test", tmp_path)) == 2  # read again: kept again, not said again
+    assert "repeat a choice" not in caplog.text
 
 
 def test_max_length_that_would_cut_questions_or_answers_names_option_task_count_and_length(tokenizer):

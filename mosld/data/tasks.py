@@ -256,6 +256,9 @@ def read_jsonl(path: str | os.PathLike) -> tuple[Row, ...]:
     return _read_jsonl_cached(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
 
 
+_WARNED_DUPLICATES: set[tuple[str, str, str]] = set()  # (task, split, first place) already reported
+
+
 class _Source:
     """Where a task's raw splits come from: local files, or the hub."""
 
@@ -289,7 +292,10 @@ class _Source:
             if _first_duplicate(choices) is not None:
                 duplicated.append(row.where())
             examples.append(Example(self.name, context or None, question.strip(), [c.strip() for c in choices], label))
-        if duplicated:  # user tasks refuse these (_parse_user); a benchmark is kept as published, to compare
+        # User tasks refuse these (_parse_user); a benchmark is kept as published, to compare. Said once per
+        # file: a split is read again when validation is held out from train.
+        if duplicated and (self.name, split, duplicated[0]) not in _WARNED_DUPLICATES:
+            _WARNED_DUPLICATES.add((self.name, split, duplicated[0]))
             log.warning(
                 "task %s split %s: %d items repeat a choice (first at %s); an item whose gold is a later copy "
                 "can never be scored correct (kept, as in the published benchmark)",
