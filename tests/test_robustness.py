@@ -186,6 +186,17 @@ def test_resuming_under_another_adapter_structure_is_refused_field_by_field(trai
     assert "model.model_name_or_path: checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_resuming_with_another_batch_size_is_refused_before_anything_loads(trained_run, tiny_model_dir, capsys):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    root = trained_run / "batch_resume"
+    assert run_cli([*tiny_run_args(tiny_model_dir, root, "--data.batch_size", "2"), "--ckpt_path", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.batch_size: {ckpt} was trained with batch size 4, the config gives 2" in err
+    assert "--data.batch_size 4" in err and "Traceback" not in err
+    assert not root.exists()
+
+
 class RecordLearningRate(L.Callback):
     """The learning rate each training step runs with, by step."""
 

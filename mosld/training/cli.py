@@ -15,7 +15,7 @@ from ..adapters.inject import check_targets
 from ..data import KNOWN_TASKS, MultiTaskDataModule, TaskDataError
 from ..models import meta_model
 from .module import MoSLDModule
-from .resume import compare_with_checkpoint
+from .resume import checkpoint_batch_size, compare_with_checkpoint
 from .safety import PREEMPTED_EXIT_CODE, FiniteGuard, NonFiniteError, PreemptionCheckpoint
 
 TRAINER_DEFAULTS = {
@@ -88,7 +88,16 @@ class MoSLDCLI(LightningCLI):
             checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as err:  # any unreadable file: say which and why, before anything loads
             self.parser.error(f"ckpt_path: {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {err})")
-        saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not isinstance(checkpoint, dict):
+            return
+        trained_batch, batch_size = checkpoint_batch_size(checkpoint), config.get("data", {}).get("batch_size")
+        if subcommand == "fit" and trained_batch is not None and batch_size is not None and trained_batch != batch_size:
+            self.parser.error(
+                f"data.batch_size: {ckpt_path} was trained with batch size {trained_batch}, the config gives "
+                f"{batch_size}; a resumed run continues the same sample order, so give --data.batch_size "
+                f"{trained_batch}, or start a new run without --ckpt_path"
+            )
+        saved = checkpoint.get("hyper_parameters")
         if not saved:
             return
         given = config.model.as_dict()

@@ -47,6 +47,20 @@ def compare_with_checkpoint(saved: dict, given: dict) -> tuple[list[str], list[s
     return structural, other
 
 
+def checkpoint_batch_size(checkpoint: dict) -> int | None:
+    """The training batch size (per process) a checkpoint's data position is counted in, if it says.
+
+    The training loader's state (``ResumableLoader.state_dict``) records it; resuming counts the
+    batches already drawn in that size, so another size cannot resume the same sample order.
+    """
+    loops = checkpoint.get("loops")
+    fit_loop = loops.get("fit_loop") if isinstance(loops, dict) else None
+    state = fit_loop.get("state_dict") if isinstance(fit_loop, dict) else None
+    loaders = state.get("combined_loader") if isinstance(state, dict) else None
+    sizes = {s.get("batch_size") for s in loaders or [] if isinstance(s, dict) and s.get("batch_size") is not None}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def adopt_optimizer_options(checkpoint: dict, learning_rate: float, weight_decay: float) -> None:
     """Make the given learning rate and weight decay take effect over the optimizer state being restored.
 
