@@ -143,7 +143,10 @@ def aggregate(
     # ---- training cost
     if trained:
         lines += ["", "Training (mean over runs): steps, real tokens seen, padding of the batches, wall time of "
-                  "the training steps, tokens/s, final training loss (mean of the last 10% of steps).", ""]  # fmt: skip
+                  "the training steps, tokens/s, final training loss (mean of the last 10% of steps). Wall time and "
+                  "tokens/s are as measured on the machine at the time (torch threads in each record's `machine`; "
+                  "runs may have shared the CPU with other jobs), so they compare methods only roughly: the "
+                  "step-time ratios measured side by side are in docs/benchmarks.md.", ""]  # fmt: skip
         lines += [
             "| method | setting | steps | tokens | padding | train s | tokens/s | final loss |",
             "|---|---|" + "---|" * 6,
