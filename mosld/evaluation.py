@@ -113,9 +113,12 @@ def _choice_logprobs_shared_prompt(model: torch.nn.Module, batch: dict[str, Tens
     if answer.shape[1] > 1:
         cache = getattr(out, "cache", None) or out.past_key_values
         cache.reorder_cache(item_index)  # one copy of the item's prompt cache per choice
+        # Input s predicts answer token s + 1: real only while s + 1 < n_answer. A choice's last token is in
+        # this input only when a longer choice shares the batch; masked, nothing attends to it and routing
+        # statistics count the same tokens whatever the batch.
         out = model(
             input_ids=answer[:, :-1],
-            attention_mask=torch.cat([prompt_mask[item_index], answer_mask[:, :-1].long()], dim=1),
+            attention_mask=torch.cat([prompt_mask[item_index], answer_mask[:, 1:].long()], dim=1),
             position_ids=prompt_len[item_index][:, None] + steps[:-1],
             **{cache_arg: cache},
         )

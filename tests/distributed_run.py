@@ -9,6 +9,7 @@ launching script for every rank. Each rank writes what the test compares to ``<o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from mosld import AdapterConfig
 from mosld.adapters import adapter_state_dict
 from mosld.data import MultiTaskDataModule
-from mosld.training import AdapterExport, AdapterFSDPStrategy, MoSLDModule
+from mosld.training import AdapterExport, AdapterFSDPStrategy, MoSLDModule, RouterStatsCallback
 from mosld.training.cli import end_distributed
 
 
@@ -53,7 +54,7 @@ def main() -> None:
         accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=args.max_steps,
         use_distributed_sampler=False, num_sanity_val_steps=-1, limit_val_batches=1.0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(out), callbacks=[AdapterExport()],
+        default_root_dir=str(out), callbacks=[AdapterExport(), RouterStatsCallback(every_n_steps=2, heatmap=False)],
     )  # fmt: skip
     losses: list[float] = []
 
@@ -63,11 +64,15 @@ def main() -> None:
 
     trainer.callbacks.append(RecordLoss())
     before: dict = {}
+    routing_before: dict = {}
 
     class RecordBefore(L.Callback):
         def on_validation_end(self, trainer, pl_module):
             if trainer.sanity_checking:
                 before.update(pl_module.last_eval_metrics)
+                routing = out / "val_routing.json"  # per-task routing, reduced over ranks; rank 0 writes it
+                if trainer.global_rank == 0:
+                    routing_before.update(json.loads(routing.read_text()))
 
     trainer.callbacks.append(RecordBefore())
     trainer.fit(model, data, ckpt_path=args.ckpt_path)
@@ -85,6 +90,7 @@ def main() -> None:
             "world_size": trainer.world_size,
             "epoch0_indices": list(iter(sampler)),
             "val_before": before,
+            "routing_before": routing_before,
             "val_after": model.last_eval_metrics,
             "adapters": adapters,
             "losses": losses,

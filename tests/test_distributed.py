@@ -70,6 +70,16 @@ def test_ddp_two_cpu_processes_match_the_single_process_run(tiny_model_dir, tmp_
             assert ranks[1]["val_before"][key] == ranks[0]["val_before"][key], key
     assert single["val_before"]["val/bigger_a/items"] == 11
 
+    # So do the per-task routing statistics (token-weighted over ranks), layer by layer.
+    routing, routing_ddp = single["routing_before"], ranks[0]["routing_before"]
+    assert routing.keys() == routing_ddp.keys() == {"bigger_a", "bigger_b"}
+    for task, layers in routing.items():
+        assert layers.keys() == routing_ddp[task].keys() and layers
+        for layer, stats in layers.items():
+            assert routing_ddp[task][layer]["tokens"] == stats["tokens"] > 0, (task, layer)
+            for key in ("load", "mean_prob", "entropy"):
+                assert routing_ddp[task][layer][key] == pytest.approx(stats[key], abs=1e-6), (task, layer, key)
+
 
 def test_fsdp_strategy_refuses_a_single_process(tiny_model_dir, tmp_path):
     tasks = [write_task(tmp_path / "bigger_a", 0)]

@@ -111,18 +111,26 @@ class RouterStatsCallback(L.Callback):
         names = list(getattr(trainer.datamodule, "task_names", None) or range(len(self._task_stats)))
         if not routed or not self._task_stats:
             return
-        per_task = {}
-        for i, task in enumerate(names):
-            # token-weighted sums over ranks (the same collectives on every rank: a rank without items adds zeros)
-            entry = {}
+        # Token-weighted sums [load (N), mean_prob (N), entropy, tokens] of every (task, layer), summed over
+        # ranks in one collective (a rank without a task's items adds zeros).
+        device, pieces = pl_module.device, []
+        for i in range(len(names)):
             for layer, n in routed.items():
                 s = self._task_stats.get(i, {}).get(layer)
-                tokens = s["tokens"] if s is not None else torch.zeros((), device=pl_module.device)
-                zeros = {"load": torch.zeros(n), "mean_prob": torch.zeros(n), "entropy": torch.zeros(())}
-                sums = {k: (s[k] * tokens if s is not None else z.to(pl_module.device)) for k, z in zeros.items()}
-                sums = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
-                tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
-                entry[layer] = {k: v / tokens.clamp_min(1.0) for k, v in sums.items()} | {"tokens": tokens}
+                if s is None:
+                    pieces.append(torch.zeros(2 * n + 2, device=device))
+                    continue
+                tokens = s["tokens"].reshape(1)
+                pieces.append(torch.cat([s["load"] * tokens, s["mean_prob"] * tokens, s["entropy"] * tokens, tokens]))
+        sums = iter(trainer.strategy.reduce(torch.cat(pieces), reduce_op="sum").split([p.numel() for p in pieces]))
+        per_task = {}
+        for task in names:
+            entry = {}
+            for layer, n in routed.items():
+                v = next(sums)
+                tokens, total = v[-1], v[-1].clamp_min(1.0)
+                entry[layer] = {"load": v[:n] / total, "mean_prob": v[n : 2 * n] / total, "entropy": v[2 * n] / total,
+                                "tokens": tokens}  # fmt: skip
             if any(float(e["tokens"]) > 0 for e in entry.values()):
                 per_task[str(task)] = entry
         if not per_task:
@@ -161,22 +169,23 @@ class RouterStatsCallback(L.Callback):
         experiment.add_figure(f"{prefix}/load_by_task", figure, trainer.global_step)
 
     def _log(self, trainer, pl_module, stats: dict, prefix: str, reduce: bool = True) -> None:
-        strategy = trainer.strategy
+        if reduce:  # ranks see different tokens: average their per-layer means, one collective for all layers
+            flat = torch.cat([torch.cat([s["load"], s["entropy"].reshape(1)]) for s in stats.values()])
+            parts = trainer.strategy.reduce(flat, reduce_op="mean").split(
+                [s["load"].numel() + 1 for s in stats.values()]
+            )
+            stats = {name: {"load": v[:-1], "entropy": v[-1]} for name, v in zip(stats, parts, strict=True)}
         metrics: dict[str, float] = {}
-        rows = []
         entropies = []
         for name, s in stats.items():
             layer = short_layer_name(name)
-            # Ranks see different tokens: average their per-layer means (evaluation's come reduced).
-            load = strategy.reduce(s["load"], reduce_op="mean") if reduce else s["load"]
-            entropy = strategy.reduce(s["entropy"], reduce_op="mean") if reduce else s["entropy"]
+            load, entropy = s["load"], s["entropy"]
             entropies.append(float(entropy))
             metrics[f"{prefix}/entropy/{layer}"] = float(entropy)
             metrics[f"{prefix}/load_max/{layer}"] = float(load.max())
             if self.per_expert_scalars:
                 for i, value in enumerate(load.tolist()):
                     metrics[f"{prefix}/load/{layer}/e{i}"] = value
-            rows.append(load.float().cpu())
         metrics[f"{prefix}/entropy"] = sum(entropies) / len(entropies)
         for logger in pl_module.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
