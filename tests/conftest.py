@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import EMBEDDED, EXAMPLE_TASK, REPO, SHARED_DATA, TEST_TOKENIZER, tiny_config, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from mosld.models import load_tokenizer
 
@@ -35,16 +35,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     """A 4-layer random Llama with the embedded SmolLM2 tokenizer, saved like a hub checkpoint."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer(TEST_TOKENIZER)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
+    config = tiny_config("llama", vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

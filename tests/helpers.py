@@ -27,10 +27,11 @@ ROUTED = ["mola", "mosl", "mosld", "share_b"]
 ALL_METHODS = ["lora", *ROUTED]
 
 
-def tiny_config(arch: str):
-    """A few-thousand-parameter config of the given architecture (4 decoder layers)."""
-    if arch == "llama":
-        return LlamaConfig(
+def tiny_config(arch: str, **overrides):
+    """A few-thousand-parameter config of the given architecture (4 decoder layers); ``overrides`` replace fields."""
+    if arch in ("llama", "qwen2"):
+        config_class = LlamaConfig if arch == "llama" else Qwen2Config
+        fields = dict(
             vocab_size=64,
             hidden_size=32,
             intermediate_size=64,
@@ -39,18 +40,9 @@ def tiny_config(arch: str):
             num_key_value_heads=2,
             max_position_embeddings=64,
         )
-    if arch == "qwen2":
-        return Qwen2Config(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
+        return config_class(**(fields | overrides))
     if arch == "gpt2":
-        return GPT2Config(
+        fields = dict(
             vocab_size=64,
             n_embd=32,
             n_layer=4,
@@ -60,6 +52,7 @@ def tiny_config(arch: str):
             embd_pdrop=0.0,
             attn_pdrop=0.0,
         )
+        return GPT2Config(**(fields | overrides))
     raise ValueError(arch)
 
 
