@@ -13,7 +13,7 @@ from helpers import EXAMPLE_TASK, REPO
 
 from mosld.experiments import binomial_two_sided, load_protocol, mcnemar_exact, mean_sd, paired_bootstrap
 from mosld.experiments.__main__ import main as experiments_main
-from mosld.experiments.aggregate import depth_quartiles
+from mosld.experiments.aggregate import depth_quartiles, routing_top_k, task_routing_distances
 from mosld.experiments.protocol import parse_only
 
 
@@ -58,6 +58,21 @@ def test_paired_bootstrap_refuses_unpaired_inputs():
 def test_depth_quartiles_match_the_expert_grouping():
     quartile = depth_quartiles(list(range(30)))
     assert [sum(1 for q in quartile.values() if q == g) for g in range(4)] == [8, 8, 7, 7]
+
+
+def test_task_routing_distances_leave_out_layers_without_a_choice():
+    # Top-2 of 4 experts in layer 0: task a uses experts 0-1, task b experts 2-3 (disjoint halves, so each
+    # is 0.5 from the mean); layer 1 has 2 experts, both always chosen, and must not dilute that.
+    routing = {
+        "a": {"layers.0.q": {"load": [1.0, 1.0, 0.0, 0.0]}, "layers.1.q": {"load": [1.0, 1.0]}},
+        "b": {"layers.0.q": {"load": [0.0, 0.0, 1.0, 1.0]}, "layers.1.q": {"load": [1.0, 1.0]}},
+    }
+    assert routing_top_k(routing) == 2
+    assert task_routing_distances(routing) == pytest.approx({"a": 0.5, "b": 0.5})
+    routing["b"]["layers.0.q"]["load"] = [1.0, 1.0, 0.0, 0.0]
+    assert task_routing_distances(routing) == pytest.approx({"a": 0.0, "b": 0.0})
+    only_full_layers = {t: {"layers.1.q": layers["layers.1.q"]} for t, layers in routing.items()}
+    assert task_routing_distances(only_full_layers) == {}
 
 
 # ---------------------------------------------------------------------------- protocols

@@ -225,16 +225,19 @@ def aggregate(
         lines += [f"![training loss]({figures_dir.name}/train_loss.png)", ""]
     routed = [r for r in sorted(trained, key=lambda r: r["seed"]) if r["method"] == "mosld" and r["routing"]]
     if routed:
-        figure, specialisation = _routing_figure(routed[0])
-        figure.savefig(figures_dir / "routing.png", dpi=110, metadata={"Software": None})
+        _routing_figure(routed[0]).savefig(figures_dir / "routing.png", dpi=110, metadata={"Software": None})
+        top_k = routing_top_k(routed[0]["routing"])
+        distances = task_routing_distances(routed[0]["routing"])
+        distances = ", ".join(f"{t} {v:.3f}" for t, v in distances.items()) or "none (no layer chooses)"
         lines += [
             f"![routing by task]({figures_dir.name}/routing.png)",
             "",
             f"Expert load by task of `{routed[0]['run']}` on its test items, per depth quartile (mean over the "
-            "quartile's layers and both projections; a row sums to top-k = 2). How far each task's routing "
-            "is from the all-task mean (total variation distance of the load distributions, mean over layers): "
-            + ", ".join(f"{t} {v:.3f}" for t, v in specialisation.items())
-            + " (0: the router treats every task alike; 1: disjoint experts).",
+            f"quartile's layers and both projections; a row sums to top-k = {top_k}). Where a layer has no more "
+            "experts than top-k, every token takes all of them (load 1 by construction; the router only "
+            "weighs them). How far each task's routing is from the all-task mean (total variation distance "
+            f"of the load distributions, mean over the layers where the router chooses): {distances} "
+            "(0: the router treats every task alike; 1: disjoint experts).",
         ]
     text = "\n".join(lines) + "\n"
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -294,11 +297,42 @@ def depth_quartiles(layer_indices: list[int], groups: int = 4) -> dict[int, int]
     return out
 
 
-def _routing_figure(record: dict) -> tuple[Figure, dict[str, float]]:
+def routing_top_k(routing: dict) -> int:
+    """The top-k of a ``routing.json`` (task -> layer -> statistics): each token's expert loads sum to it."""
+    first_task = next(iter(routing.values()))
+    return round(sum(next(iter(first_task.values()))["load"]))
+
+
+def task_routing_distances(routing: dict) -> dict[str, float]:
+    """How far each task's expert load is from the all-task mean load (total variation distance of the
+    normalised loads, mean over layers): 0 when the router treats every task alike, 1 for disjoint experts.
+
+    Layers with no more experts than top-k are left out: every token takes all of their experts, so their
+    load is the same for every task by construction. Tasks get no entry when no layer chooses.
+    """
+    top_k = routing_top_k(routing)
+    tasks = list(routing)
+    distances = {}
+    for task in tasks:
+        per_layer = []
+        for name, stats in routing[task].items():
+            load = np.asarray(stats["load"])
+            if len(load) <= top_k:
+                continue
+            mean = np.mean([routing[t][name]["load"] for t in tasks], axis=0)
+            per_layer.append(0.5 * np.abs(load / load.sum() - mean / mean.sum()).sum())
+        if per_layer:
+            distances[task] = float(np.mean(per_layer))
+    return distances
+
+
+def _routing_figure(record: dict) -> Figure:
+    """The task x expert load heat-map of one run, one panel per depth quartile."""
     routing = record["routing"]
     tasks = list(routing)
     layer_of = {name: int(next(p for p in name.split(".") if p.isdigit())) for name in routing[tasks[0]]}
     quartile = depth_quartiles(list(layer_of.values()))
+    top_k = routing_top_k(routing)
     panels = []
     for q in range(4):
         names = [n for n, i in layer_of.items() if quartile.get(i) == q]
@@ -311,15 +345,7 @@ def _routing_figure(record: dict) -> tuple[Figure, dict[str, float]]:
             matrix[row] = np.mean(loads, axis=0)
         layers = sorted({layer_of[n] for n in names})
         span = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-        panels.append((f"{span} ({width} experts)", matrix, tasks))
-    figure = heatmap_panels(panels, "expert", "share of the task's tokens (top-k)",
-                            f"{record['run']}: expert load by task and depth")  # fmt: skip
-    specialisation = {}
-    for task in tasks:
-        distances = []
-        for name in layer_of:
-            load = np.asarray(routing[task][name]["load"])
-            mean = np.mean([routing[t][name]["load"] for t in tasks], axis=0)
-            distances.append(0.5 * np.abs(load / load.sum() - mean / mean.sum()).sum())
-        specialisation[task] = float(np.mean(distances))
-    return figure, specialisation
+        chosen = ", all chosen" if width <= top_k else ""  # no choice to make: every load is 1
+        panels.append((f"{span} ({width} experts{chosen})", matrix, tasks))
+    return heatmap_panels(panels, "expert", "share of the task's tokens (top-k)",
+                          f"{record['run']}: expert load by task and depth")  # fmt: skip
