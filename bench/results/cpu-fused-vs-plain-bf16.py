@@ -60,8 +60,8 @@ def train(model: torch.nn.Module, batches: list[dict], bf16: bool) -> tuple[list
     return losses, torch.cat([p.detach().flatten() for p in params])
 
 
-def main(steps: int) -> None:
-    torch.set_num_threads(1)
+def default_run_start(steps: int) -> tuple[list[dict], torch.nn.Module]:
+    """The default run's first ``steps`` training batches (sampled order) and SmolLM2 with fresh MoSLD layers."""
     data = MultiTaskDataModule(
         tasks=TASKS, model_name_or_path="embedded:smollm2-135m", batch_size=8, num_samples_per_epoch=960,
         max_length=256, length_group_batches=1, seed=0,
@@ -70,7 +70,12 @@ def main(steps: int) -> None:
     batches = list(itertools.islice(data.train_dataloader(), steps))
     torch.manual_seed(0)
     config = AdapterConfig(method="mosld", r=8, alpha=16, target_modules=["q_proj", "v_proj"])
-    new = inject_adapters(load_base_model("embedded:smollm2-135m"), config)
+    return batches, inject_adapters(load_base_model("embedded:smollm2-135m"), config)
+
+
+def main(steps: int) -> None:
+    torch.set_num_threads(1)
+    batches, new = default_run_start(steps)
     old = with_old_layers(new)
     for bf16 in (False, True):
         started = time.perf_counter()
