@@ -227,8 +227,8 @@ def aggregate(
     if routed:
         _routing_figure(routed[0]).savefig(figures_dir / "routing.png", dpi=110, metadata={"Software": None})
         top_k = routing_top_k(routed[0]["routing"])
-        distances = task_routing_distances(routed[0]["routing"])
-        distances = ", ".join(f"{t} {v:.3f}" for t, v in distances.items()) or "none (no layer chooses)"
+        distances = task_routing_distances(routed[0]["routing"]).items()
+        distance_text = ", ".join(f"{t} {v:.3f}" for t, v in distances) or "none (no layer chooses)"
         lines += [
             f"![routing by task]({figures_dir.name}/routing.png)",
             "",
@@ -236,7 +236,7 @@ def aggregate(
             f"quartile's layers and both projections; a row sums to top-k = {top_k}). Where a layer has no more "
             "experts than top-k, every token takes all of them (load 1 by construction; the router only "
             "weighs them). How far each task's routing is from the all-task mean (total variation distance "
-            f"of the load distributions, mean over the layers where the router chooses): {distances} "
+            f"of the load distributions, mean over the layers where the router chooses): {distance_text} "
             "(0: the router treats every task alike; 1: disjoint experts).",
         ]
     text = "\n".join(lines) + "\n"
