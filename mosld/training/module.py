@@ -14,10 +14,12 @@ import torch
 from torch import Tensor
 
 from ..adapters import AdapterConfig, adapter_layers, aux_loss, count_parameters, inject_adapters, set_aux_loss
+from ..adapters.checkpointing import enable_gradient_checkpointing
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
 from ..evaluation import answer_logits, score_batch, supports_prompt_sharing
 from ..models import load_base_model
+from ..quantization import QuantizationConfig
 from .resume import adopt_optimizer_options
 
 
@@ -49,6 +51,10 @@ class MoSLDModule(L.LightningModule):
         lr_schedule: Shape after warm-up: ``cosine`` or ``linear`` decay to 0, or ``constant``.
         compile: Run the model under ``torch.compile``.
         trust_remote_code: Passed to ``from_pretrained``.
+        quantization: Quantize the frozen base at load (bitsandbytes 4-bit NF4/FP4 or 8-bit); the
+            adapters wrap the quantized projections (``mosld.quantization``).
+        gradient_checkpointing: Recompute each decoder layer's activations in backward instead of
+            keeping them (transformers' non-reentrant checkpointing; routing counted once).
     """
 
     def __init__(
@@ -62,15 +68,19 @@ class MoSLDModule(L.LightningModule):
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         compile: bool = False,
         trust_remote_code: bool = False,
+        quantization: QuantizationConfig | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(adapter, dict):  # hparams of a checkpoint
             adapter = AdapterConfig.from_dict(adapter)
+        self.quantization = QuantizationConfig.from_value(quantization)
         # None: the method defaults of AdapterConfig (MoSLD). Fields left out of a config take
         # the defaults of the method given, so `--model.adapter.method lora` alone is LoRA.
         self.adapter_config = adapter if adapter is not None else AdapterConfig()
-        self.save_hyperparameters(ignore=["adapter"])
+        self.save_hyperparameters(ignore=["adapter", "quantization"])
         self.hparams["adapter"] = self.adapter_config.to_dict()
+        self.hparams["quantization"] = self.quantization.to_dict()
         self.model: torch.nn.Module | None = None
         # Checkpoints hold only adapter tensors, so the frozen base keys are absent on load.
         self.strict_loading = False
@@ -81,9 +91,14 @@ class MoSLDModule(L.LightningModule):
         if self.model is not None:
             return
         model = load_base_model(
-            self.hparams.model_name_or_path, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code
+            self.hparams.model_name_or_path,
+            dtype=self.hparams.dtype,
+            trust_remote_code=self.hparams.trust_remote_code,
+            quantization=self.quantization,
         )
         model.config.use_cache = False
+        if self.hparams.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         # from_pretrained returns eval mode and Lightning keeps module modes as it finds them:
         # without this, DropConnect and LoRA dropout would never be active in training.
         model.train()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 
 from .callbacks import run_dir
+from .precision import cpu_bf16_support
 
 
 def _gather(rows: list) -> list:
@@ -37,7 +38,15 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}  # fmt: skip
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["cpu_native_bf16"] = cpu_bf16_support()[0]
     return info
+
+
+def precision_reason(trainer) -> str:
+    """Why the run computes in its precision: ``auto``'s hardware rule, or the explicit option."""
+    choice = getattr(trainer, "precision_choice", None)
+    return f"auto: {choice.reason}" if choice is not None else "given explicitly (trainer.precision)"
 
 
 class ItemPredictionWriter(L.Callback):
@@ -146,6 +155,10 @@ class TrainRecord(L.Callback):
             "trainable_parameters": trainable,
             "total_parameters": total,
             "world_size": trainer.world_size,
+            "precision": str(trainer.precision),
+            "precision_reason": precision_reason(trainer),
+            "quantization": pl_module.quantization.describe(),
+            "gradient_checkpointing": bool(pl_module.hparams.get("gradient_checkpointing", False)),
             "machine": machine(),
             "loss": [[step, value] for step, value in self.loss],
         }

@@ -1,0 +1,67 @@
+"""Activation checkpointing of the adapted model without double-counted routing.
+
+transformers' gradient checkpointing (non-reentrant ``torch.utils.checkpoint``) runs every decoder
+layer's forward a second time during backward. That recomputation must not add the layer's routing
+statistics again nor replace its balancing loss: the adapter layers ask ``is_recomputing()`` and
+leave both alone while it is true. The recomputed forward draws the same DropConnect and dropout
+masks (checkpoint restores the RNG state), so gradients equal the run without checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+_state = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True inside the forward that activation checkpointing recomputes during backward."""
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recomputation(masks: dict[nn.Module, Tensor | None]) -> Iterator[None]:
+    """The recomputed forward, with each adapter layer's padding mask as it was in the first forward
+    (the model-level hooks that set it ran then; the balancing loss must see the same tokens)."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    for layer, mask in masks.items():
+        layer.token_mask = mask
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+        for layer in masks:
+            layer.token_mask = None
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on the model's own (transformers) activation checkpointing, non-reentrant, recompute-aware.
+
+    Non-reentrant checkpointing needs no input that requires grad, so a frozen embedding is fine.
+    Raises ValueError for a model that does not support it.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} does not support transformers' gradient checkpointing"
+        )
+    from .inject import adapter_layers  # here: the layer module imports this one
+
+    layers: list[nn.Module] = []
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``torch.utils.checkpoint``'s ``context_fn``, called as each layer's first forward starts."""
+        if not layers:  # adapters are injected after checkpointing is enabled
+            layers.extend(adapter_layers(model).values())
+        return contextlib.nullcontext(), _recomputation({layer: layer.token_mask for layer in layers})
+
+    kwargs = {"use_reentrant": False, "context_fn": contexts}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False  # transformers turns the cache off in training with checkpointing anyway
+    return model
