@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .quantization import QuantizationConfig, bitsandbytes_config
+from .quantization import QuantizationConfig, bitsandbytes_config, keep_quantized_base_differentiable
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
@@ -131,5 +131,7 @@ def load_base_model(
         trust_remote_code=trust_remote_code,
         quantization_config=bitsandbytes_config(quantization, DTYPES[dtype]),
     )
+    if quantization.enabled:
+        keep_quantized_base_differentiable(model)
     model.config.name_or_path = str(name_or_path)
     return model

@@ -100,3 +100,20 @@ def bitsandbytes_config(config: QuantizationConfig, model_dtype: torch.dtype):
 def is_quantized_layer(layer: nn.Module) -> bool:
     """True for a bitsandbytes quantized projection (its weight is packed, not a plain matrix)."""
     return type(layer.weight).__name__ in ("Params4bit", "Int8Params") if hasattr(layer, "weight") else False
+
+
+def keep_quantized_base_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns the layers changed.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight into an inference layout at its first
+    no-grad eval forward, and from then on computes with a kernel that has no backward: gradients stop
+    silently at every quantized projection, also in later training steps (bitsandbytes 0.50.2). A
+    validation before training would trigger it. mosld trains after evaluating, so it keeps the
+    differentiable layout; inference then runs the dequantize-and-matmul path.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

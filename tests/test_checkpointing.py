@@ -60,3 +60,25 @@ def test_checkpointing_recomputes_every_decoder_layer_in_backward():
 def test_a_model_without_checkpointing_support_is_refused():
     with pytest.raises(ValueError, match="does not support transformers' gradient checkpointing"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_cli_fit_with_checkpointing_trains_exactly_as_without(tiny_model_dir, tmp_path):
+    import json
+    from pathlib import Path
+
+    from helpers import tiny_run_args
+
+    from mosld.training.cli import main
+
+    losses = []
+    for flag in ("false", "true"):
+        root = tmp_path / flag
+        cli = main(
+            tiny_run_args(tiny_model_dir, root, "--trainer.max_steps", "4", "--model.gradient_checkpointing", flag)
+        )
+        record = json.loads((Path(cli.trainer.log_dir) / "train_record.json").read_text())
+        assert record["gradient_checkpointing"] == (flag == "true")
+        losses.append([loss for _, loss in record["loss"]])
+    assert len(losses[0]) == 4
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6, abs=1e-7)

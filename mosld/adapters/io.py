@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .inject import adapter_layers, adapter_parameter_names, adapter_state_dict, inject_adapters, num_decoder_layers
+from .layer import _base_shape
 
 FORMAT = "mosld-adapter"
 # 2: adapter_config.json records weights_sha256
@@ -200,12 +201,14 @@ def _base_differences(meta: dict, base_model: nn.Module) -> list[str]:
         if module is None:
             differences.append(f"module {name}: missing in the base model")
             continue
-        weight = getattr(module, "weight", None)
-        dims = set(weight.shape) if weight is not None else set()
-        if {shape["in_features"], shape["out_features"]} - dims:
+        try:  # from the layer's own fields: a quantized weight is packed into another shape
+            d_in, d_out = _base_shape(getattr(module, "base_layer", module))
+        except TypeError:
+            d_in, d_out = None, None
+        if (d_in, d_out) != (shape["in_features"], shape["out_features"]):
             differences.append(
                 f"module {name}: adapter expects {shape['in_features']} -> {shape['out_features']}, "
-                f"base weight is {tuple(weight.shape) if weight is not None else 'absent'}"
+                f"base layer is {f'{d_in} -> {d_out}' if d_in is not None else type(module).__name__}"
             )
     return differences
 
