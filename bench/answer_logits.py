@@ -3,7 +3,7 @@
 The training module asks the model for logits only where the loss is (the positions that predict
 answer tokens; ``mosld.training.module.answer_logits_loss``). This times forward + backward of the
 default run's setting (embedded SmolLM2-135M, MoSLD on q/v, the six paper tasks mixed at T = 2,
-batches of 8, max_length 256, bf16 autocast on the CPU) both ways on the same batches, alternating,
+batches of 8, max_length 256, the precision `trainer.precision auto` picks on this CPU) both ways on the same batches, alternating,
 and reports medians and their ratio. Needs the benchmark data (``--data-dir`` or ``$MOSLD_DATA_DIR``).
 
 Example::
@@ -25,6 +25,7 @@ from mosld.data import MultiTaskDataModule
 from mosld.data.tasks import PAPER_TASKS
 from mosld.models import load_base_model
 from mosld.training.module import answer_logits_loss
+from mosld.training.precision import choose_precision
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args(argv)
+    precision = choose_precision("cpu").precision  # as the default run (trainer.precision auto) computes
 
     model_name = "embedded:smollm2-135m"
     data = MultiTaskDataModule(
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         order = [("every position", full), ("answer positions", answers_only)]
         for name, loss_fn in order if i % 2 else order[::-1]:
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
                 loss = loss_fn(batch)
             loss.backward()
             elapsed = time.perf_counter() - start
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(
         f"forward + backward, {args.batches} batches of {args.batch_size} x <= {args.max_length} tokens, "
-        f"{torch.get_num_threads()} threads, bf16 autocast:\n"
+        f"{torch.get_num_threads()} threads, {precision}:\n"
         f"  logits at every position:     {every:.2f} s (median)\n"
         f"  logits at answer positions:   {answers:.2f} s (median)\n"
         f"  ratio {result['ratio_answer_over_every']:.3f} (paired median {result['paired_ratio_median']:.3f}); "

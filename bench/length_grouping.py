@@ -5,7 +5,7 @@ The default run (``configs/mosld.yaml``: the six paper tasks mixed at T = 2, 960
 batches of 8, max_length 256) is batched twice: in the sampler's order (``length_group_batches=1``) and
 length-grouped (pools of 16 batches sorted by length, the default). For each, the whole epoch's padding
 fraction (padded positions that hold no token) is counted, and forward + backward of the embedded
-SmolLM2-135M with MoSLD (bf16 autocast, answer-position logits as in training) is timed on batches drawn
+SmolLM2-135M with MoSLD (the precision `auto` picks, answer-position logits as in training) is timed on batches drawn
 evenly from the epoch, alternating between the two orders, to give real training tokens per second.
 
 Example::
@@ -26,6 +26,7 @@ from mosld.data import MultiTaskDataModule
 from mosld.data.tasks import PAPER_TASKS
 from mosld.models import load_base_model
 from mosld.training.module import answer_logits_loss
+from mosld.training.precision import choose_precision
 
 
 def epoch_batches(data_dir: str | None, group_batches: int) -> list[dict]:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--batches", type=int, default=12, help="timed batches of each order")
     args = parser.parse_args(argv)
+    precision = choose_precision("cpu").precision  # as the default run (trainer.precision auto) computes
 
     orders = {"sampled order": epoch_batches(args.data_dir, 1), "length-grouped": epoch_batches(args.data_dir, 16)}
     result = {}
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def step(batch: dict) -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             loss = answer_logits_loss(model, batch)
         torch.autograd.grad(loss, params)
         return time.perf_counter() - start

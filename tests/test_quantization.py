@@ -160,10 +160,14 @@ def run_cli(args: list[str]) -> int:
     return exit_info.value.code
 
 
-def test_fsdp_with_a_quantized_base_is_refused_at_parse_time(tiny_model_dir, tmp_path, capsys):
-    args = tiny_run_args(tiny_model_dir, tmp_path, "--model.quantization.bits", "4")
-    args += ["--trainer.strategy", "mosld.training.AdapterFSDPStrategy"]
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--trainer.strategy", "mosld.training.AdapterFSDPStrategy"], "model.quantization: FSDP cannot shard a 4-bit nf4"),
+     (["--model.dtype", "float64"], "model.dtype: a quantized base computes in float32, bfloat16 or float16")],
+)  # fmt: skip
+def test_impossible_quantized_setups_are_refused_at_parse_time(extra, message, tiny_model_dir, tmp_path, capsys):
+    args = tiny_run_args(tiny_model_dir, tmp_path, "--model.quantization.bits", "4", *extra)
     assert run_cli(args) == 2
     err = capsys.readouterr().err
-    assert "model.quantization: FSDP cannot shard a 4-bit nf4" in err and "configs/presets/ddp.yaml" in err
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "lightning_logs").exists()
