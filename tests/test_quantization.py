@@ -7,28 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TEST_TOKENIZER, tiny_config, tiny_run_args
-from transformers import AutoModelForCausalLM
+from helpers import tiny_run_args
 
 import mosld
-from mosld.models import load_base_model, load_tokenizer
+from mosld.models import load_base_model
 from mosld.quantization import QuantizationConfig, is_quantized_layer
 from mosld.training.cli import main
 
 bnb = pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """conftest's tiny Llama at hidden size 64: bitsandbytes' CPU 4-bit kernels quantize blocks of 64 inputs."""
-    folder = tmp_path_factory.mktemp("tiny-llama-64")
-    tokenizer = load_tokenizer(TEST_TOKENIZER)
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 CONFIGS = {
