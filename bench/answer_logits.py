@@ -14,16 +14,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
-import time
 
 import torch
 
-import mosld
-from mosld.data import MultiTaskDataModule
-from mosld.data.tasks import PAPER_TASKS
-from mosld.models import load_base_model
+from bench.default_run import default_run_batches, default_run_model, timed_step
 from mosld.training.module import answer_logits_loss
 from mosld.training.precision import choose_precision
 
@@ -37,21 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     precision = choose_precision("cpu").precision  # as the default run (trainer.precision auto) computes
 
-    model_name = "embedded:smollm2-135m"
-    data = MultiTaskDataModule(
-        tasks=list(PAPER_TASKS),
-        model_name_or_path=model_name,
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        temperature=2.0,
-        num_samples_per_epoch=args.batch_size * (args.batches + 1),
-    )
-    data.prepare_data()
-    data.setup("fit")
-    batches = list(itertools.islice(iter(data.train_dataloader()), args.batches + 1))
-    model = mosld.inject_adapters(load_base_model(model_name), mosld.AdapterConfig(method="mosld")).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    batches = default_run_batches(args.batches + 1, args.data_dir, args.batch_size, args.max_length)
+    model, params = default_run_model()
 
     def full(batch: dict) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
@@ -64,16 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     for i, batch in enumerate(batches):
         order = [("every position", full), ("answer positions", answers_only)]
         for name, loss_fn in order if i % 2 else order[::-1]:
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-                loss = loss_fn(batch)
-            loss.backward()
-            elapsed = time.perf_counter() - start
-            for p in params:
-                p.grad = None
+            elapsed, loss = timed_step(loss_fn, batch, params, bf16=precision == "bf16-mixed")
             if i > 0:  # the first batch warms up
                 times[name].append(elapsed)
-                losses[name].append(loss.item())
+                losses[name].append(loss)
     kept = [int((b["labels"] != -100).sum()) for b in batches[1:]]
     positions = [b["input_ids"].numel() for b in batches[1:]]
     every, answers = (statistics.median(times[k]) for k in times)

@@ -12,16 +12,11 @@ machine. To see a CPU without native bf16 on one that has it, cap oneDNN and ATe
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
-import time
 
 import torch
 
-import mosld
-from mosld.data import MultiTaskDataModule
-from mosld.data.tasks import PAPER_TASKS
-from mosld.models import load_base_model
+from bench.default_run import default_run_batches, default_run_model, timed_step
 from mosld.training.module import answer_logits_loss
 from mosld.training.precision import choose_precision
 
@@ -33,28 +28,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     choice = choose_precision("cpu")
-    model_name = "embedded:smollm2-135m"
-    data = MultiTaskDataModule(
-        tasks=list(PAPER_TASKS), model_name_or_path=model_name, data_dir=args.data_dir, batch_size=8,
-        max_length=256, temperature=2.0, num_samples_per_epoch=8 * (args.batches + 1),
-    )  # fmt: skip
-    data.prepare_data()
-    data.setup("fit")
-    batches = list(itertools.islice(iter(data.train_dataloader()), args.batches + 1))
-    model = mosld.inject_adapters(load_base_model(model_name), mosld.AdapterConfig(method="mosld")).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    batches = default_run_batches(args.batches + 1, args.data_dir)
+    model, params = default_run_model()
 
     times: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
     for i, batch in enumerate(batches):
         order = list(times) if i % 2 else list(times)[::-1]
         for precision in order:
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-                loss = answer_logits_loss(model, batch)
-            loss.backward()
-            elapsed = time.perf_counter() - start
-            for p in params:
-                p.grad = None
+            elapsed, _ = timed_step(lambda b: answer_logits_loss(model, b), batch, params, precision == "bf16-mixed")
             if i > 0:  # the first batch warms up
                 times[precision].append(elapsed)
     fp32, bf16 = (statistics.median(times[k]) for k in times)
