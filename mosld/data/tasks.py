@@ -83,11 +83,15 @@ class TaskSpec:
         configs: Hub configs; several are concatenated split by split (MCTest: mc160 + mc500).
         columns: Columns a row must have.
         parse: Turns a row into (context, question, choices, label); raises ``TaskDataError``.
-        family: Prompt family (``science``, ``passage`` or ``yesno``), picks the default template.
+        family: Prompt family (``science``, ``passage``, ``yesno`` or ``mmlu``), picks the default template.
         test_source: Source split used as ``test``; ``validation`` where test labels are not public.
         hub_splits: Splits the hub dataset has.
         eval_only: Left out of training by default (BoolQ: the local train split has no passages).
         train_size: Seeded subsample size of train when the source has more rows (RACE: the paper's 10,083).
+        stratum: The stratum of an example for a seeded evaluation sample (``seeded_sample``): a capped sample
+            then takes every stratum in proportion to its size (MMLU: the subject); ``None`` for a plain sample.
+        min_length: Token budget of this task's sequences when ``max_length`` is smaller (MMLU: evaluation-only,
+            its questions are never cut, and 1,433 of its 14,042 test items need more than 256 tokens).
     """
 
     name: str
@@ -100,6 +104,8 @@ class TaskSpec:
     hub_splits: tuple[str, ...] = SPLITS
     eval_only: bool = False
     train_size: int | None = None
+    stratum: Callable[[Example], str] | None = None
+    min_length: int | None = None
 
     def local_dir(self, data_dir: Path, config: str) -> Path:
         return data_dir / self.hub_name.replace("/", "__") / config
@@ -172,6 +178,27 @@ def _parse_boolq(row: Row) -> Parsed:
     return passage or None, question, ["no", "yes"], int(_field(row, "answer", bool))
 
 
+MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}."
+
+
+def _parse_mmlu(row: Row) -> Parsed:
+    # lm-evaluation-harness's zero-shot MMLU prompt: the subject line (its task description) is the context,
+    # the question and its lettered choices the body (the "mmlu" template), " A".." D" the answers.
+    choices = _field(row, "choices", list)
+    if len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+        raise TaskDataError(f"{row.where()}: field 'choices' should be a list of 4 strings, got {choices!r:.200}")
+    answer = _field(row, "answer", int)
+    if not 0 <= answer < 4:
+        raise TaskDataError(f"{row.where()}: field 'answer' = {answer} is not a choice index 0-3")
+    subject = _field(row, "subject", str).replace("_", " ")
+    return MMLU_HEADER.format(subject=subject), _field(row, "question", str), list(choices), answer
+
+
+def _mmlu_subject(example: Example) -> str:
+    """An MMLU example's subject: its context is the subject line."""
+    return example.context or ""
+
+
 def _first_duplicate(choices: Sequence[str]) -> str | None:
     """The first choice that repeats an earlier one once whitespace is stripped, else None."""
     seen: set[str] = set()
@@ -221,6 +248,10 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("arc_challenge", "allenai/ai2_arc", ("ARC-Challenge",), _ARC_COLUMNS, _parse_arc, "science"),
         TaskSpec("boolq", "google/boolq", ("default",), ("question", "passage", "answer"), _parse_boolq, "yesno",
                  test_source="validation", hub_splits=("train", "validation"), eval_only=True),
+        # no train split; dev (5 per subject, the few-shot pool) is not one of the three splits
+        TaskSpec("mmlu", "cais/mmlu", ("all",), ("question", "subject", "choices", "answer"), _parse_mmlu, "mmlu",
+                 hub_splits=("validation", "test"), eval_only=True, stratum=_mmlu_subject,
+                 min_length=2048),
     )
 }  # fmt: skip
 KNOWN_TASKS: tuple[str, ...] = tuple(TASKS)
@@ -467,13 +498,38 @@ def _held_out_indices(n: int) -> set[int]:
 
 
 def seeded_sample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
-    """At most ``limit`` examples drawn with ``seed``, kept in their original order."""
+    """At most ``limit`` examples drawn with ``seed``, kept in their original order.
+
+    Examples of a registry task with a ``stratum`` (MMLU: the subject) are drawn stratified: each stratum gets
+    its share of ``limit`` in proportion to its size (largest remainders, ties to the earlier stratum), drawn
+    with ``seed``; other tasks get a simple random sample (unchanged, so earlier records' items still pair).
+    """
     if limit is None or limit >= len(examples):
         return examples
     if limit < 1:
         raise ValueError(f"limit: expected a positive number of examples, got {limit}")
-    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    spec = TASKS.get(examples[0].task)
+    if spec is not None and spec.stratum is not None and all(e.task == spec.name for e in examples):
+        keep = _stratified_indices([spec.stratum(e) for e in examples], limit, seed)
+    else:
+        keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
     return [examples[i] for i in keep]
+
+
+def _stratified_indices(strata: list[str], limit: int, seed: int) -> list[int]:
+    """``limit`` indices drawn within each stratum in proportion to its size (proportional allocation)."""
+    members: dict[str, list[int]] = {}
+    for i, stratum in enumerate(strata):
+        members.setdefault(stratum, []).append(i)
+    names = sorted(members)
+    quotas = {s: limit * len(members[s]) / len(strata) for s in names}
+    counts = {s: int(quotas[s]) for s in names}
+    # the seats left go to the largest remainders (Hamilton's method), so the counts sum to limit
+    by_remainder = sorted(names, key=lambda s: (counts[s] - quotas[s], names.index(s)))
+    for s in by_remainder[: limit - sum(counts.values())]:
+        counts[s] += 1
+    rng = random.Random(seed)
+    return sorted(i for s in names for i in rng.sample(members[s], counts[s]))
 
 
 def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None) -> list[Example]:
