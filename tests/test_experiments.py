@@ -162,3 +162,62 @@ def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsy
     assert "| MoSLD − LoRA | mixture | 1 |" in first and "McNemar" in first
     for figure in ("accuracy.png", "train_loss.png", "routing.png"):
         assert (tmp_path / "docs" / "results_tiny" / figure).stat().st_size > 1000
+
+
+def _strip_task(record, task: str) -> None:
+    """Make ``record`` look as if its run had never been tested on ``task`` (an older protocol's record)."""
+    metrics = json.loads((record / "metrics.json").read_text())
+    del metrics["tasks"][task]
+    metrics["out_of_domain"].remove(task)
+    (record / "metrics.json").write_text(json.dumps(metrics))
+    lines = (record / "predictions.jsonl").read_text().splitlines()
+    (record / "predictions.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["task"] != task))
+
+
+@pytest.mark.slow
+def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_dir, tmp_path, capsys):
+    # an out-of-domain task: a user task that is only tested, never trained on
+    quiz = tmp_path / "quiz"
+    quiz.mkdir()
+    for split in ("train", "validation", "test"):
+        (quiz / f"{split}.jsonl").write_text((REPO / "data" / "example_task" / f"{split}.jsonl").read_text())
+    protocol = {
+        "name": "tiny",
+        "config": [str(REPO / "configs" / "mosld.yaml")],
+        "args": {"model.model_name_or_path": tiny_model_dir, "data.tasks": [EXAMPLE_TASK],
+                 "data.num_samples_per_epoch": 8, "data.batch_size": 4, "data.cache_dir": str(tmp_path / "cache"),
+                 "trainer.max_steps": 2, "trainer.precision": "32-true", "trainer.limit_val_batches": 0,
+                 "trainer.num_sanity_val_steps": 0},  # fmt: skip
+        "methods": ["mosld"],
+        "seeds": [0, 1],
+        "test": {"data.tasks": [EXAMPLE_TASK, str(quiz)], "data.eval_examples_by_task": {"quiz": 8}},
+        "commit_adapters": [0],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    results, work = tmp_path / "results", tmp_path / "work"
+    args = ["--results-dir", str(results), "--work-dir", str(work)]
+    assert experiments_main(["sweep", str(path), *args]) == 0
+    full = {r: (results / r / "predictions.jsonl").read_text() for r in ("mosld-mixture-seed0", "zero_shot")}
+    assert json.loads((results / "mosld-mixture-seed0" / "metrics.json").read_text())["tasks"]["quiz"]["items"] == 8
+    for run in ("mosld-mixture-seed0", "mosld-mixture-seed1", "zero_shot"):
+        _strip_task(results / run, "quiz")
+    # seed 0 keeps only its adapter (no checkpoint), seed 1 has neither: it cannot be topped up
+    (work / "mosld-mixture-seed0" / "fit").rename(tmp_path / "old-fit")
+    (work / "mosld-mixture-seed1").rename(tmp_path / "old-seed1")
+    capsys.readouterr()
+    assert experiments_main(["sweep", str(path), *args]) == 0
+    log = capsys.readouterr().out
+    assert "mosld-mixture-seed0: recorded; topping up quiz" in log and "zero_shot: recorded; topping up quiz" in log
+    assert "mosld-mixture-seed1: cannot top up quiz: no adapter kept" in log
+    assert not (work / "mosld-mixture-seed0" / "fit").exists()  # no retraining
+    for run, before in full.items():
+        # the same predictions as the run's own test pass gave, in the merged record
+        rows = sorted((results / run / "predictions.jsonl").read_text().splitlines())
+        assert rows == sorted(before.splitlines())
+        metrics = json.loads((results / run / "metrics.json").read_text())
+        assert set(metrics["tasks"]) == {"example_task", "quiz"} and metrics["out_of_domain"] == ["quiz"]
+        assert metrics["topped_up"][0]["tasks"] == ["quiz"]
+    assert "quiz" not in json.loads((results / "mosld-mixture-seed1" / "metrics.json").read_text())["tasks"]
+    routing = json.loads((results / "mosld-mixture-seed0" / "routing.json").read_text())
+    assert set(routing) == {"example_task", "quiz"}
