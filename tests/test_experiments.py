@@ -184,10 +184,17 @@ def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_d
     protocol = {
         "name": "tiny",
         "config": [str(REPO / "configs" / "mosld.yaml")],
-        "args": {"model.model_name_or_path": tiny_model_dir, "data.tasks": [EXAMPLE_TASK],
-                 "data.num_samples_per_epoch": 8, "data.batch_size": 4, "data.cache_dir": str(tmp_path / "cache"),
-                 "trainer.max_steps": 2, "trainer.precision": "32-true", "trainer.limit_val_batches": 0,
-                 "trainer.num_sanity_val_steps": 0},  # fmt: skip
+        "args": {
+            "model.model_name_or_path": tiny_model_dir,
+            "data.tasks": [EXAMPLE_TASK],
+            "data.num_samples_per_epoch": 8,
+            "data.batch_size": 4,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "trainer.max_steps": 2,
+            "trainer.precision": "32-true",
+            "trainer.limit_val_batches": 0,
+            "trainer.num_sanity_val_steps": 0,
+        },  # fmt: skip
         "methods": ["mosld"],
         "seeds": [0, 1],
         "test": {"data.tasks": [EXAMPLE_TASK, str(quiz)], "data.eval_examples_by_task": {"quiz": 8}},
