@@ -15,6 +15,7 @@ from mosld.experiments import binomial_two_sided, load_protocol, mcnemar_exact, 
 from mosld.experiments.__main__ import main as experiments_main
 from mosld.experiments.aggregate import depth_quartiles, routing_top_k, task_routing_distances
 from mosld.experiments.protocol import parse_only
+from mosld.experiments.stats import compare, detectable_difference, hierarchical_bootstrap
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -53,6 +54,64 @@ def test_paired_bootstrap_of_identical_and_shifted_methods():
 def test_paired_bootstrap_refuses_unpaired_inputs():
     with pytest.raises(ValueError, match="different tasks"):
         paired_bootstrap({"x": np.ones((1, 3))}, {"y": np.ones((1, 3))})
+
+
+def test_hierarchical_bootstrap_of_identical_methods_has_zero_width():
+    rng = np.random.default_rng(2)
+    a = {"x": rng.integers(0, 2, (3, 300)).astype(float), "y": rng.integers(0, 2, (3, 50)).astype(float)}
+    assert hierarchical_bootstrap(a, a, resamples=300) == (0.0, 0.0, 0.0)
+    # one seed: the seed draw is trivial, so the interval is the item-only one (up to resampling noise)
+    one = {k: v[:1] for k, v in a.items()}
+    shifted = {k: v.copy() for k, v in one.items()}
+    shifted["x"][0, np.flatnonzero(one["x"][0] == 0)[:30]] = 1
+    _, low, high = hierarchical_bootstrap(shifted, one, resamples=4000)
+    _, item_low, item_high = paired_bootstrap(shifted, one, resamples=4000)
+    assert high - low == pytest.approx(item_high - item_low, rel=0.1)
+
+
+def test_hierarchical_interval_is_wider_when_seeds_disagree():
+    # the same items in every seed; seed 0 gains 30 items, seed 1 loses 30, seed 2 neither: the mean gain is 0
+    # and the item-only interval (per-item means over seeds) is narrow, but the seeds disagree
+    rng = np.random.default_rng(3)
+    b = {"x": np.tile(rng.integers(0, 2, 300).astype(float), (3, 1))}
+    a = {"x": b["x"].copy()}
+    a["x"][0, np.flatnonzero(b["x"][0] == 0)[:30]] = 1
+    a["x"][1, np.flatnonzero(b["x"][0] == 1)[:30]] = 0
+    diff, low, high = hierarchical_bootstrap(a, b, resamples=4000)
+    _, item_low, item_high = paired_bootstrap(a, b, resamples=4000)
+    assert diff == pytest.approx(0.0)
+    assert high - low > 2 * (item_high - item_low)
+    assert low <= -0.05 and high >= 0.05  # a resample of seeds {0, 0, 0} gains 10 points, {1, 1, 1} loses 10
+
+
+def test_hierarchical_interval_matches_a_known_seed_variance():
+    # 40 seeds whose difference is u_s on every item (no item-to-item variation): the item-only interval has
+    # zero width; the seed bootstrap's half-width is 1.96 sd(u) sqrt((S - 1) / S) / sqrt(S)
+    rng = np.random.default_rng(4)
+    u = rng.normal(0.0, 0.05, 40)
+    b = {"x": np.zeros((40, 200))}
+    a = {"x": np.repeat(u[:, None], 200, axis=1)}
+    diff, low, high = hierarchical_bootstrap(a, b, resamples=4000)
+    assert diff == pytest.approx(u.mean())
+    expected = 1.96 * u.std(ddof=0) / math.sqrt(40)
+    assert (high - low) / 2 == pytest.approx(expected, rel=0.1)
+    _, item_low, item_high = paired_bootstrap(a, b)
+    assert item_high - item_low == pytest.approx(0.0, abs=1e-12)
+
+
+def test_compare_against_one_reference_run_and_the_power_line():
+    assert detectable_difference(1.0) == pytest.approx(2.8016, abs=1e-3)
+    rng = np.random.default_rng(5)
+    base = {"x": rng.integers(0, 2, (1, 400)).astype(float)}  # the base model: one deterministic run
+    runs = {"x": np.tile(base["x"], (3, 1))}
+    runs["x"][:, np.flatnonzero(base["x"][0] == 0)[:40]] = 1  # every seed gains the same 40 items: +10 points
+    result = compare(runs, base, resamples=2000)
+    assert result.diff == pytest.approx(0.1)
+    assert result.seeds[0] > 0 and result.items[0] > 0 and result.verdict() == "holds"
+    assert result.detectable == pytest.approx(2.8016 * result.se, rel=1e-3)
+    assert compare(base, runs).verdict() == "is reversed"
+    with pytest.raises(ValueError, match=r"task 'x' has shapes \(3, 5\) and \(2, 5\)"):
+        compare({"x": np.ones((3, 5))}, {"x": np.ones((2, 5))})
 
 
 def test_depth_quartiles_match_the_expert_grouping():
