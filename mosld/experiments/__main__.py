@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..data.tasks import task_name
 from .aggregate import aggregate
 from .protocol import load_protocol, parse_only
 from .sweep import Sweep, SweepError
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = args.results_dir or Path("experiments/results") / protocol.name
         if args.command == "aggregate":
             out = args.out or Path("docs/results.md" if protocol.name == "cpu" else f"docs/results_{protocol.name}.md")
-            aggregate(results_dir, out, expected_runs=[run.name for run in protocol.runs()])
+            test_tasks = [task_name(t) for t in protocol.test_tasks or []]
+            aggregate(results_dir, out, expected_runs=[run.name for run in protocol.runs()], test_tasks=test_tasks)
             print(f"wrote {out}")
             return 0
         runs = protocol.runs(parse_only(args.only))
