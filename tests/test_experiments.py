@@ -13,7 +13,7 @@ from helpers import EXAMPLE_TASK, REPO
 
 from mosld.experiments import binomial_two_sided, load_protocol, mcnemar_exact, mean_sd, paired_bootstrap
 from mosld.experiments.__main__ import main as experiments_main
-from mosld.experiments.aggregate import depth_quartiles, routing_top_k, task_routing_distances
+from mosld.experiments.aggregate import aggregate, depth_quartiles, routing_top_k, task_routing_distances
 from mosld.experiments.protocol import parse_only
 from mosld.experiments.stats import compare, detectable_difference, hierarchical_bootstrap
 
@@ -287,3 +287,65 @@ def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_d
     assert "quiz" not in json.loads((results / "mosld-mixture-seed1" / "metrics.json").read_text())["tasks"]
     routing = json.loads((results / "mosld-mixture-seed0" / "routing.json").read_text())
     assert set(routing) == {"example_task", "quiz"}
+
+
+def _write_record(root, run: str, method: str, seed: int, correct: dict[str, list[int]], preds: dict) -> None:
+    """A finished run's record as the sweep writes it, from per-task 0/1 results and predicted answers."""
+    folder = root / run
+    folder.mkdir(parents=True)
+    rows, tasks = [], {}
+    for task, values in correct.items():
+        for k, (c, pred) in enumerate(zip(values, preds[task], strict=True)):
+            gold = pred if c else 1 - pred if task == "boolq" else (pred + 1) % 4
+            rows.append({"task": task, "item": f"{task}{k:03d}", "pred": pred, "gold": gold, "correct": bool(c)})
+        acc = float(np.mean(values))
+        tasks[task] = {"acc": acc, "acc_sum": acc, "acc_token_norm": acc, "items": len(values)}
+    metrics = {"protocol": "synthetic", "run": run, "method": method, "setting": "mixture" if seed >= 0 else "none",
+               "seed": max(seed, 0), "tasks": tasks, "in_domain": ["arc"],
+               "out_of_domain": [t for t in tasks if t != "arc"]}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_results_page_ood_section_from_records_some_lacking_mmlu(tmp_path):
+    # BoolQ (gold: 60 yes, 40 no): the base says yes to everything (60% right, balanced 50%); LoRA and MoSLD
+    # say no to everything in every seed (40% right, balanced 50%), except that MoSLD gets 10 more "yes"
+    # items right: it loses less. MMLU only in the base and seed 0 of both methods.
+    rng = np.random.default_rng(0)
+    gold_yes = np.array([1] * 60 + [0] * 40)
+    arc = {m: rng.integers(0, 2, (2, 50)) for m in ("lora", "mosld")}
+    results = tmp_path / "results"
+    base_mmlu = rng.integers(0, 2, 40).tolist()
+    _write_record(results, "zero_shot", "base", -1, {"arc": [0] * 50, "boolq": gold_yes.tolist(),
+                  "mmlu": base_mmlu}, {"arc": [0] * 50, "boolq": [1] * 100, "mmlu": [0] * 40})  # fmt: skip
+    for method in ("lora", "mosld"):
+        for seed in (0, 1):
+            boolq = (1 - gold_yes).tolist()
+            if method == "mosld":
+                boolq[:10] = [1] * 10  # right on 10 yes items, by answering yes
+            correct = {"arc": arc[method][seed].tolist(), "boolq": boolq}
+            preds = {"arc": [0] * 50, "boolq": [0] * 100}
+            for k in range(10 if method == "mosld" else 0):
+                preds["boolq"][k] = 1
+            if seed == 0:
+                correct["mmlu"], preds["mmlu"] = base_mmlu, [k % 4 for k in range(40)]
+            _write_record(results, f"{method}-mixture-seed{seed}", method, seed, correct, preds)
+    out = tmp_path / "results.md"
+    page = aggregate(results, out, resamples=500, test_tasks=["arc", "boolq", "mmlu"])
+    assert aggregate(results, out, resamples=500, test_tasks=["arc", "boolq", "mmlu"]) == page  # same bytes
+    boolq = page[page.index("### boolq") : page.index("### mmlu")]
+    assert "gold labels: 60.0% yes" in boolq
+    assert "| base (zero-shot) | 1 | 60.0 | 50.0 | 100.0% yes |" in boolq
+    assert "| LoRA | 2 | 40.0 ± 0.0 | 50.0 ± 0.0 | 0.0% yes |" in boolq
+    # MoSLD - LoRA: +10 points in both seeds (the seeds agree), the interval over the drawn items stays above 0
+    row = next(line for line in boolq.splitlines() if line.startswith("| MoSLD − LoRA |"))
+    assert row.split(" | ")[1] == "+10.00" and row.split(" | ")[2].startswith("[+")
+    assert "| LoRA − base (zero-shot) | -20.00 |" in boolq
+    mmlu = page[page.index("### mmlu") : page.index("### What the paper claims out of domain")]
+    assert "Tested in 3 of 5 records; lacking it (left out below): lora-mixture-seed1, mosld-mixture-seed1." in mmlu
+    assert "A 25.0 / B 25.0 / C 25.0 / D 25.0 |" in mmlu  # the letters MoSLD predicted
+    claims = page[page.index("### What the paper claims out of domain") :]
+    assert "- boolq: *MoSLD forgets less than LoRA* **holds**" in claims
+    assert "- mmlu: *MoSLD forgets less than LoRA* **is within noise**" in claims  # identical results on MMLU
+    assert "| avg | boolq | mmlu |" in page  # the table's columns
+    assert "| LoRA | mixture | 2 | 0 |" in page and "(1 of 2) |" in page  # the mmlu cell: how many seeds have it

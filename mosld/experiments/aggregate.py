@@ -201,9 +201,8 @@ def aggregate(
         lines += ood_section(groups, keys, ood, resamples)
     # ---- figures
     lines += ["", "## Figures", ""]
-    _accuracy_figure(groups, keys, in_domain + ood).savefig(
-        figures_dir / "accuracy.png", dpi=110, metadata={"Software": None}
-    )
+    tested = [t for t in in_domain + ood if any(t in r["tasks"] for r in records)]
+    _accuracy_figure(groups, keys, tested).savefig(figures_dir / "accuracy.png", dpi=110, metadata={"Software": None})
     lines += [f"![accuracy per task]({figures_dir.name}/accuracy.png)", ""]
     if trained:
         _loss_figure(groups, keys).savefig(figures_dir / "train_loss.png", dpi=110, metadata={"Software": None})
