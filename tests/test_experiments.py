@@ -349,3 +349,23 @@ def test_results_page_ood_section_from_records_some_lacking_mmlu(tmp_path):
     assert "- mmlu: *MoSLD forgets less than LoRA* **is within noise**" in claims  # identical results on MMLU
     assert "| avg | boolq | mmlu |" in page  # the table's columns
     assert "| LoRA | mixture | 2 | 0 |" in page and "(1 of 2) |" in page  # the mmlu cell: how many seeds have it
+
+
+def test_hierarchical_standard_error_errs_on_the_wide_side_in_a_crossed_simulation():
+    # 3 seeds x 300 items of 0/1 results, as the cpu protocol: items of varied difficulty shared by both
+    # methods, method a shifted by a seed effect of s.d. 3 points. Over fresh draws of items and seeds, the
+    # s.d. of the mean difference is the true standard error; the hierarchical one is above it (it counts
+    # the seed x item noise about three times), the item-only one below it (it ignores the seed effect).
+    rng = np.random.default_rng(0)
+    truth, hierarchical, item_only = [], [], []
+    for rep in range(200):
+        p = rng.uniform(0.1, 0.9, 300)
+        a = (rng.random((3, 300)) < np.clip(p + rng.normal(0, 0.03, (3, 1)), 0, 1)).astype(float)
+        b = (rng.random((3, 300)) < p).astype(float)
+        truth.append(a.mean() - b.mean())
+        if rep < 40:
+            hierarchical.append(compare({"x": a}, {"x": b}, resamples=500, seed=rep).se)
+            item_only.append((a - b).mean(0).std() / math.sqrt(300))
+    true_se = np.std(truth)
+    assert true_se < np.mean(hierarchical) < 1.6 * true_se
+    assert np.mean(item_only) < true_se
