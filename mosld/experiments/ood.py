@@ -73,7 +73,7 @@ INTERVALS_NOTE = (
     "The seed-aware interval errs on the wide side: it counts the seed x item noise about three times. In a "
     "simulation shaped like the cpu protocol (3 seeds, 300 items of 0/1 results; "
     "`test_hierarchical_standard_error_errs_on_the_wide_side_in_a_crossed_simulation`) its standard error "
-    "came out 1.3x the true one with a seed effect of 3 points (1.45x without), the item-only one 0.77x "
+    "came out 1.2-1.3x the true one with a seed effect of 3 points (1.45x without), the item-only one 0.76x "
     "(1.0x without): verdicts err toward *within noise*, and *detectable* is an upper bound."
 )
 
