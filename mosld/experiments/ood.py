@@ -155,9 +155,11 @@ def _ood_task(groups: dict, keys: list, task: str, resamples: int) -> tuple[list
     comparisons = _ood_comparisons(present, task, items, weights, resamples)
     lines += ["", "| comparison | " + " | ".join(COMPARISON_HEADER) + " | balanced: difference | balanced: "
               "95% interval, seeds + items |", "|---|" + "---|" * 6]  # fmt: skip
-    for label, (plain, balanced) in comparisons.items():
+    for label, (plain, balanced, _) in comparisons.items():
         lines.append(f"| {label} | " + " | ".join(comparison_cells(plain)) + f" | {points(balanced.diff)} | "
                      f"{interval(balanced.seeds)} |")  # fmt: skip
+    between = [(seeds, c.detectable) for label, (c, _, seeds) in comparisons.items() if "base" not in label]
+    lines += power_line(between, f"{task} accuracy between methods")
     lines += _per_run_rows(present, task, items, resamples)
     return lines, _ood_claims(comparisons, task)
 
@@ -168,7 +170,7 @@ def _cell(values: list[float]) -> str:
 
 
 def _ood_comparisons(present: dict, task: str, items: list[str], weights: dict, resamples: int) -> dict:
-    """``{label: (accuracy comparison, balanced accuracy comparison)}``: every method against the base, then
+    """``{label: (accuracy comparison, balanced accuracy comparison, seeds)}``: every method against the base, then
     every pair of methods (the later one of METHOD_ORDER first), per setting."""
     pairs = [(k, ("base", "none")) for k in present if k[0] != "base" and ("base", "none") in present]
     trained = sorted((k for k in present if k[0] != "base"), key=lambda k: (k[1], METHOD_ORDER.index(k[0])))
@@ -180,10 +182,11 @@ def _ood_comparisons(present: dict, task: str, items: list[str], weights: dict, 
             continue
         several = len({k[1] for k in trained}) > 1
         label = f"{NAMES[a_key[0]]} − {NAMES[b_key[0]]}" + (f" ({a_key[1]})" if several else "")
-        out[label] = tuple(
+        plain, balanced = (
             compare(correctness(a, [task], {task: items}, w), correctness(b, [task], {task: items}, w), resamples)
             for w in (None, weights)
         )
+        out[label] = (plain, balanced, len(a))
     return out
 
 
@@ -210,7 +213,7 @@ def _ood_claims(comparisons: dict, task: str) -> list[str]:
         if not labels:
             claims.append(f"- {task}: *{claim}*: not tested (no records of both).")
         for label in labels:
-            plain, balanced = comparisons[label]
+            plain, balanced, _ = comparisons[label]
             claims.append(
                 f"- {task}: *{claim}* **{plain.verdict()}** here ({label}: {points(plain.diff)} points, 95% "
                 f"interval over seeds and items {interval(plain.seeds)}; over items only {interval(plain.items)}; "
@@ -228,7 +231,7 @@ def method_comparisons(
     groups: dict, orderings: list, in_domain: list[str], resamples: int, mcnemar: Callable
 ) -> tuple[list[str], list[str]]:
     """The in-domain paired comparisons table and the claim sentences, on the seed-aware interval."""
-    rows, sentences = [], []
+    rows, sentences, detectable = [], [], []
     for setting in sorted({k[1] for k in groups if k[1] != "none"}):
         for better, worse, claim in orderings:
             if (better, setting) not in groups or (worse, setting) not in groups:
@@ -237,6 +240,7 @@ def method_comparisons(
             items = {t: sorted(i for (task, i) in a[0]["predictions"] if task == t) for t in in_domain}
             ca, cb = correctness(a, in_domain, items), correctness(b, in_domain, items)
             c = compare(ca, cb, resamples)
+            detectable.append((len(a), c.detectable))
             n_ab, n_ba, p = mcnemar(ca, cb)
             rows.append(f"| {NAMES[better]} − {NAMES[worse]} | {setting} | {len(a)} | "
                         + " | ".join(comparison_cells(c)) + f" | {n_ab} | {n_ba} | {p:.3g} |")  # fmt: skip
@@ -244,7 +248,18 @@ def method_comparisons(
                 f"- {setting}: *{claim}* **{c.verdict()}** here ({points(c.diff)} points, 95% interval over seeds "
                 f"and items {interval(c.seeds)}, over items only {interval(c.items)}; McNemar p = {p:.3g})."
             )
-    return rows, sentences
+    return rows + power_line(detectable, "the in-domain average"), sentences
+
+
+def power_line(detectable: list[tuple[int, float]], what: str) -> list[str]:
+    """One sentence: the range of the smallest detectable differences of a table's comparisons."""
+    if not detectable:
+        return []
+    seeds = sorted({n for n, _ in detectable})
+    low, high = (100 * f(d for _, d in detectable) for f in (min, max))
+    return ["", f"**Power**: with {'/'.join(map(str, seeds))} seeds and these test items, the comparisons above "
+            f"detect a true difference in {what} of {low:.1f}-{high:.1f} points or more (80% power, alpha 0.05, "
+            "seed-aware); smaller differences are likely to read as within noise."]  # fmt: skip
 
 
 def against_base(groups: dict, in_domain: list[str], resamples: int) -> list[str]:
