@@ -284,6 +284,7 @@ def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_d
         metrics = json.loads((results / run / "metrics.json").read_text())
         assert set(metrics["tasks"]) == {"example_task", "quiz"} and metrics["out_of_domain"] == ["quiz"]
         assert metrics["topped_up"][0]["tasks"] == ["quiz"]
+        assert metrics["topped_up"][0]["from"] == ("kept adapter" if run != "zero_shot" else "base model")
     assert "quiz" not in json.loads((results / "mosld-mixture-seed1" / "metrics.json").read_text())["tasks"]
     routing = json.loads((results / "mosld-mixture-seed0" / "routing.json").read_text())
     assert set(routing) == {"example_task", "quiz"}

@@ -172,17 +172,19 @@ class Sweep:
         if run is None:
             source, args = "base model", [*self.base_args, *test_part]
         else:
-            checkpoint = work / "fit" / "checkpoints" / "last.ckpt"
-            if run.setting == "single" or not (
-                checkpoint.is_file() or (record / "adapter" / "adapter_config.json").is_file()
-            ):
+            checkpoint, source = work / "fit" / "checkpoints" / "last.ckpt", "fit checkpoint"
+            if run.setting == "single":  # its models are tested on their own tasks only: a missing one needs a fit
+                self.log(f"  {name}: cannot top up {', '.join(missing)}: a single-setting run's models are tested "
+                         "on their own training task; remove the record to run it again")  # fmt: skip
+                return False
+            if not checkpoint.is_file() and not (record / "adapter" / "adapter_config.json").is_file():
                 self.log(f"  {name}: cannot top up {', '.join(missing)}: no adapter kept in {record} and no "
                          f"checkpoint in {work / 'fit'}; remove the record to retrain the run")  # fmt: skip
                 return False
             if not checkpoint.is_file():
                 checkpoint = adapter_checkpoint(record / "adapter", run.method, folder / "adapter.ckpt")
-            source = str(checkpoint)
-            args = [*self.base_args, *self._run_args(run), *test_part, "--ckpt_path", source]
+                source = "kept adapter"
+            args = [*self.base_args, *self._run_args(run), *test_part, "--ckpt_path", str(checkpoint)]
         seconds = self._cli(folder / "test.log", "test", *args)
         merge_into_record(record, read_test_dir(folder / "test"), self.train_tasks,
                           {"tasks": missing, "code": self.commit, "from": source, "test_seconds": seconds})  # fmt: skip
