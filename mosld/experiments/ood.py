@@ -81,7 +81,9 @@ INTERVALS_NOTE = (
 def balanced_weights(runs: Runs, task: str, items: list[str], classes: int) -> np.ndarray:
     """Per-item weights that turn mean correctness into balanced accuracy (the mean over gold labels of the
     recall): ``items / (classes x items with this gold)``. A constant answer then scores 1/classes whatever the
-    gold labels' prior, so a model that moves toward the majority answer gains nothing from that alone."""
+    gold labels' prior, so a model that moves toward the majority answer gains nothing from that alone.
+    The weights come from the whole sample and stay fixed in the bootstrap (a ratio estimate: a resample's
+    label counts differ slightly from the sample's)."""
     gold = np.array([runs[0]["answers"][(task, i)][1] for i in items])
     counts = np.bincount(gold, minlength=classes)
     present = int((counts > 0).sum())

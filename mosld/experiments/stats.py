@@ -16,6 +16,7 @@ from statistics import NormalDist
 import numpy as np
 
 Correctness = Mapping[str, np.ndarray]  # task -> (seeds, items) of 0/1
+_CHUNK = 250  # bootstrap resamples drawn at a time
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -85,14 +86,18 @@ def hierarchical_resamples(a: Correctness, b: Correctness, resamples: int = 2000
     diffs = _differences(a, b, "hierarchical_bootstrap")
     rng = np.random.default_rng(seed)
     seeds = max(len(d) for d in diffs.values())
-    seed_weights = rng.multinomial(seeds, np.full(seeds, 1 / seeds), size=resamples) / seeds  # (resamples, seeds)
-    total = np.zeros(resamples)
-    for diff in diffs.values():
-        d = np.broadcast_to(diff, (seeds, diff.shape[1]))
-        items = d.shape[1]
-        item_weights = rng.multinomial(items, np.full(items, 1 / items), size=resamples) / items
-        total += ((item_weights @ d.T) * seed_weights).sum(axis=1)  # per resample: weighted mean over both
-    return total / len(diffs)
+    out = []
+    for start in range(0, resamples, _CHUNK):  # in chunks: a full test split's item weights are large
+        n = min(_CHUNK, resamples - start)
+        seed_weights = rng.multinomial(seeds, np.full(seeds, 1 / seeds), size=n) / seeds  # (n, seeds)
+        total = np.zeros(n)
+        for diff in diffs.values():
+            d = np.broadcast_to(diff, (seeds, diff.shape[1]))
+            items = d.shape[1]
+            item_weights = rng.multinomial(items, np.full(items, 1 / items), size=n) / items
+            total += ((item_weights @ d.T) * seed_weights).sum(axis=1)  # per resample: weighted mean over both
+        out.append(total / len(diffs))
+    return np.concatenate(out)
 
 
 def hierarchical_bootstrap(
