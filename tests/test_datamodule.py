@@ -211,3 +211,16 @@ def test_evaluation_only_tasks_get_eval_loaders_but_no_training_batches(tmp_path
     with pytest.raises(ValueError, match="evaluation-only.*train_eval_only=True"):
         only_boolq.train_dataloader()
     assert sum(len(b["gold"]) for b in only_boolq.test_dataloader()[0]) == 6
+
+
+@pytest.mark.skipif(not (DATA_DIR / "cais__mmlu").is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
+def test_per_task_eval_caps_and_mmlu_items_are_never_cut(tmp_path):
+    dm = make_dm(tmp_path, ["boolq", "mmlu"], data_dir=str(DATA_DIR), max_eval_examples=6, max_length=64,
+                 eval_examples_by_task={"mmlu": 40})  # fmt: skip
+    assert [len(dm.encoded(i, "test")) for i in (0, 1)] == [6, 40]
+    # MMLU keeps its whole question at any max_length (its min_length), BoolQ's passage is cut to fit
+    assert max(len(item) for item in dm.encoded(1, "test")) > 64
+    assert max(len(item) for item in dm.encoded(0, "test")) <= 64
+    assert all(c == [c[0]] for item in dm.encoded(1, "test") for c in item.choices)  # " A": one token
+    with pytest.raises(ValueError, match="eval_examples_by_task: expected task name -> an integer >= 1"):
+        make_dm(tmp_path, ["boolq"], eval_examples_by_task={"boolq": 0})

@@ -13,8 +13,9 @@ from helpers import EXAMPLE_TASK, REPO
 
 from mosld.experiments import binomial_two_sided, load_protocol, mcnemar_exact, mean_sd, paired_bootstrap
 from mosld.experiments.__main__ import main as experiments_main
-from mosld.experiments.aggregate import depth_quartiles, routing_top_k, task_routing_distances
+from mosld.experiments.aggregate import aggregate, depth_quartiles, routing_top_k, task_routing_distances
 from mosld.experiments.protocol import parse_only
+from mosld.experiments.stats import compare, detectable_difference, hierarchical_bootstrap
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -53,6 +54,64 @@ def test_paired_bootstrap_of_identical_and_shifted_methods():
 def test_paired_bootstrap_refuses_unpaired_inputs():
     with pytest.raises(ValueError, match="different tasks"):
         paired_bootstrap({"x": np.ones((1, 3))}, {"y": np.ones((1, 3))})
+
+
+def test_hierarchical_bootstrap_of_identical_methods_has_zero_width():
+    rng = np.random.default_rng(2)
+    a = {"x": rng.integers(0, 2, (3, 300)).astype(float), "y": rng.integers(0, 2, (3, 50)).astype(float)}
+    assert hierarchical_bootstrap(a, a, resamples=300) == (0.0, 0.0, 0.0)
+    # one seed: the seed draw is trivial, so the interval is the item-only one (up to resampling noise)
+    one = {k: v[:1] for k, v in a.items()}
+    shifted = {k: v.copy() for k, v in one.items()}
+    shifted["x"][0, np.flatnonzero(one["x"][0] == 0)[:30]] = 1
+    _, low, high = hierarchical_bootstrap(shifted, one, resamples=4000)
+    _, item_low, item_high = paired_bootstrap(shifted, one, resamples=4000)
+    assert high - low == pytest.approx(item_high - item_low, rel=0.1)
+
+
+def test_hierarchical_interval_is_wider_when_seeds_disagree():
+    # the same items in every seed; seed 0 gains 30 items, seed 1 loses 30, seed 2 neither: the mean gain is 0
+    # and the item-only interval (per-item means over seeds) is narrow, but the seeds disagree
+    rng = np.random.default_rng(3)
+    b = {"x": np.tile(rng.integers(0, 2, 300).astype(float), (3, 1))}
+    a = {"x": b["x"].copy()}
+    a["x"][0, np.flatnonzero(b["x"][0] == 0)[:30]] = 1
+    a["x"][1, np.flatnonzero(b["x"][0] == 1)[:30]] = 0
+    diff, low, high = hierarchical_bootstrap(a, b, resamples=4000)
+    _, item_low, item_high = paired_bootstrap(a, b, resamples=4000)
+    assert diff == pytest.approx(0.0)
+    assert high - low > 2 * (item_high - item_low)
+    assert low <= -0.05 and high >= 0.05  # a resample of seeds {0, 0, 0} gains 10 points, {1, 1, 1} loses 10
+
+
+def test_hierarchical_interval_matches_a_known_seed_variance():
+    # 40 seeds whose difference is u_s on every item (no item-to-item variation): the item-only interval has
+    # zero width; the seed bootstrap's half-width is 1.96 sd(u) sqrt((S - 1) / S) / sqrt(S)
+    rng = np.random.default_rng(4)
+    u = rng.normal(0.0, 0.05, 40)
+    b = {"x": np.zeros((40, 200))}
+    a = {"x": np.repeat(u[:, None], 200, axis=1)}
+    diff, low, high = hierarchical_bootstrap(a, b, resamples=4000)
+    assert diff == pytest.approx(u.mean())
+    expected = 1.96 * u.std(ddof=0) / math.sqrt(40)
+    assert (high - low) / 2 == pytest.approx(expected, rel=0.1)
+    _, item_low, item_high = paired_bootstrap(a, b)
+    assert item_high - item_low == pytest.approx(0.0, abs=1e-12)
+
+
+def test_compare_against_one_reference_run_and_the_power_line():
+    assert detectable_difference(1.0) == pytest.approx(2.8016, abs=1e-3)
+    rng = np.random.default_rng(5)
+    base = {"x": rng.integers(0, 2, (1, 400)).astype(float)}  # the base model: one deterministic run
+    runs = {"x": np.tile(base["x"], (3, 1))}
+    runs["x"][:, np.flatnonzero(base["x"][0] == 0)[:40]] = 1  # every seed gains the same 40 items: +10 points
+    result = compare(runs, base, resamples=2000)
+    assert result.diff == pytest.approx(0.1)
+    assert result.seeds[0] > 0 and result.items[0] > 0 and result.verdict() == "holds"
+    assert result.detectable == pytest.approx(2.8016 * result.se, rel=1e-3)
+    assert compare(base, runs).verdict() == "is reversed"
+    with pytest.raises(ValueError, match=r"task 'x' has shapes \(3, 5\) and \(2, 5\)"):
+        compare({"x": np.ones((3, 5))}, {"x": np.ones((2, 5))})
 
 
 def test_depth_quartiles_match_the_expert_grouping():
@@ -162,3 +221,152 @@ def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsy
     assert "| MoSLD − LoRA | mixture | 1 |" in first and "McNemar" in first
     for figure in ("accuracy.png", "train_loss.png", "routing.png"):
         assert (tmp_path / "docs" / "results_tiny" / figure).stat().st_size > 1000
+
+
+def _strip_task(record, task: str) -> None:
+    """Make ``record`` look as if its run had never been tested on ``task`` (an older protocol's record)."""
+    metrics = json.loads((record / "metrics.json").read_text())
+    del metrics["tasks"][task]
+    metrics["out_of_domain"].remove(task)
+    (record / "metrics.json").write_text(json.dumps(metrics))
+    lines = (record / "predictions.jsonl").read_text().splitlines()
+    (record / "predictions.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["task"] != task))
+
+
+@pytest.mark.slow
+def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_dir, tmp_path, capsys):
+    # an out-of-domain task: a user task that is only tested, never trained on
+    quiz = tmp_path / "quiz"
+    quiz.mkdir()
+    for split in ("train", "validation", "test"):
+        (quiz / f"{split}.jsonl").write_text((REPO / "data" / "example_task" / f"{split}.jsonl").read_text())
+    protocol = {
+        "name": "tiny",
+        "config": [str(REPO / "configs" / "mosld.yaml")],
+        "args": {
+            "model.model_name_or_path": tiny_model_dir,
+            "data.tasks": [EXAMPLE_TASK],
+            "data.num_samples_per_epoch": 8,
+            "data.batch_size": 4,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "trainer.max_steps": 2,
+            "trainer.precision": "32-true",
+            "trainer.limit_val_batches": 0,
+            "trainer.num_sanity_val_steps": 0,
+        },  # fmt: skip
+        "methods": ["mosld"],
+        "seeds": [0, 1],
+        "test": {"data.tasks": [EXAMPLE_TASK, str(quiz)], "data.eval_examples_by_task": {"quiz": 8}},
+        "commit_adapters": [0],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    results, work = tmp_path / "results", tmp_path / "work"
+    args = ["--results-dir", str(results), "--work-dir", str(work)]
+    assert experiments_main(["sweep", str(path), *args]) == 0
+    full = {r: (results / r / "predictions.jsonl").read_text() for r in ("mosld-mixture-seed0", "zero_shot")}
+    assert json.loads((results / "mosld-mixture-seed0" / "metrics.json").read_text())["tasks"]["quiz"]["items"] == 8
+    for run in ("mosld-mixture-seed0", "mosld-mixture-seed1", "zero_shot"):
+        _strip_task(results / run, "quiz")
+    # seed 0 keeps only its adapter (no checkpoint), seed 1 has neither: it cannot be topped up
+    (work / "mosld-mixture-seed0" / "fit").rename(tmp_path / "old-fit")
+    (work / "mosld-mixture-seed1").rename(tmp_path / "old-seed1")
+    capsys.readouterr()
+    assert experiments_main(["sweep", str(path), *args]) == 0
+    log = capsys.readouterr().out
+    assert "mosld-mixture-seed0: recorded; topping up quiz" in log and "zero_shot: recorded; topping up quiz" in log
+    assert "mosld-mixture-seed1: cannot top up quiz: no adapter kept" in log
+    assert not (work / "mosld-mixture-seed0" / "fit").exists()  # no retraining
+    for run, before in full.items():
+        # the same predictions as the run's own test pass gave, in the merged record
+        rows = sorted((results / run / "predictions.jsonl").read_text().splitlines())
+        assert rows == sorted(before.splitlines())
+        metrics = json.loads((results / run / "metrics.json").read_text())
+        assert set(metrics["tasks"]) == {"example_task", "quiz"} and metrics["out_of_domain"] == ["quiz"]
+        assert metrics["topped_up"][0]["tasks"] == ["quiz"]
+        assert metrics["topped_up"][0]["from"] == ("kept adapter" if run != "zero_shot" else "base model")
+    assert "quiz" not in json.loads((results / "mosld-mixture-seed1" / "metrics.json").read_text())["tasks"]
+    routing = json.loads((results / "mosld-mixture-seed0" / "routing.json").read_text())
+    assert set(routing) == {"example_task", "quiz"}
+
+
+def _write_record(root, run: str, method: str, seed: int, correct: dict[str, list[int]], preds: dict) -> None:
+    """A finished run's record as the sweep writes it, from per-task 0/1 results and predicted answers."""
+    folder = root / run
+    folder.mkdir(parents=True)
+    rows, tasks = [], {}
+    for task, values in correct.items():
+        for k, (c, pred) in enumerate(zip(values, preds[task], strict=True)):
+            gold = pred if c else 1 - pred if task == "boolq" else (pred + 1) % 4
+            rows.append({"task": task, "item": f"{task}{k:03d}", "pred": pred, "gold": gold, "correct": bool(c)})
+        acc = float(np.mean(values))
+        tasks[task] = {"acc": acc, "acc_sum": acc, "acc_token_norm": acc, "items": len(values)}
+    metrics = {"protocol": "synthetic", "run": run, "method": method, "setting": "mixture" if seed >= 0 else "none",
+               "seed": max(seed, 0), "tasks": tasks, "in_domain": ["arc"],
+               "out_of_domain": [t for t in tasks if t != "arc"]}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_results_page_ood_section_from_records_some_lacking_mmlu(tmp_path):
+    # BoolQ (gold: 60 yes, 40 no): the base says yes to everything (60% right, balanced 50%); LoRA and MoSLD
+    # say no to everything in every seed (40% right, balanced 50%), except that MoSLD gets 10 more "yes"
+    # items right: it loses less. MMLU only in the base and seed 0 of both methods.
+    rng = np.random.default_rng(0)
+    gold_yes = np.array([1] * 60 + [0] * 40)
+    arc = {m: rng.integers(0, 2, (2, 50)) for m in ("lora", "mosld")}
+    results = tmp_path / "results"
+    base_mmlu = rng.integers(0, 2, 40).tolist()
+    _write_record(results, "zero_shot", "base", -1, {"arc": [0] * 50, "boolq": gold_yes.tolist(),
+                  "mmlu": base_mmlu}, {"arc": [0] * 50, "boolq": [1] * 100, "mmlu": [0] * 40})  # fmt: skip
+    for method in ("lora", "mosld"):
+        for seed in (0, 1):
+            boolq = (1 - gold_yes).tolist()
+            if method == "mosld":
+                boolq[:10] = [1] * 10  # right on 10 yes items, by answering yes
+            correct = {"arc": arc[method][seed].tolist(), "boolq": boolq}
+            preds = {"arc": [0] * 50, "boolq": [0] * 100}
+            for k in range(10 if method == "mosld" else 0):
+                preds["boolq"][k] = 1
+            if seed == 0:
+                correct["mmlu"], preds["mmlu"] = base_mmlu, [k % 4 for k in range(40)]
+            _write_record(results, f"{method}-mixture-seed{seed}", method, seed, correct, preds)
+    out = tmp_path / "results.md"
+    page = aggregate(results, out, resamples=500, test_tasks=["arc", "boolq", "mmlu"])
+    assert aggregate(results, out, resamples=500, test_tasks=["arc", "boolq", "mmlu"]) == page  # same bytes
+    boolq = page[page.index("### boolq") : page.index("### mmlu")]
+    assert "gold labels: 60.0% yes" in boolq
+    assert "| base (zero-shot) | 1 | 60.0 | 50.0 | 100.0% yes |" in boolq
+    assert "| LoRA | 2 | 40.0 ± 0.0 | 50.0 ± 0.0 | 0.0% yes |" in boolq
+    # MoSLD - LoRA: +10 points in both seeds (the seeds agree), the interval over the drawn items stays above 0
+    row = next(line for line in boolq.splitlines() if line.startswith("| MoSLD − LoRA |"))
+    assert row.split(" | ")[1] == "+10.00" and row.split(" | ")[2].startswith("[+")
+    assert "| LoRA − base (zero-shot) | -20.00 |" in boolq
+    mmlu = page[page.index("### mmlu") : page.index("### What the paper claims out of domain")]
+    assert "Tested in 3 of 5 records; lacking it (left out below): lora-mixture-seed1, mosld-mixture-seed1." in mmlu
+    assert "A 25.0 / B 25.0 / C 25.0 / D 25.0 |" in mmlu  # the letters MoSLD predicted
+    claims = page[page.index("### What the paper claims out of domain") :]
+    assert "- boolq: *MoSLD forgets less than LoRA* **holds**" in claims
+    assert "- mmlu: *MoSLD forgets less than LoRA* **is within noise**" in claims  # identical results on MMLU
+    assert "| avg | boolq | mmlu |" in page  # the table's columns
+    assert "| LoRA | mixture | 2 | 0 |" in page and "(1 of 2) |" in page  # the mmlu cell: how many seeds have it
+
+
+def test_hierarchical_standard_error_errs_on_the_wide_side_in_a_crossed_simulation():
+    # 3 seeds x 300 items of 0/1 results, as the cpu protocol: items of varied difficulty shared by both
+    # methods, method a shifted by a seed effect of s.d. 3 points. Over fresh draws of items and seeds, the
+    # s.d. of the mean difference is the true standard error; the hierarchical one is above it (it counts
+    # the seed x item noise about three times), the item-only one below it (it ignores the seed effect).
+    rng = np.random.default_rng(0)
+    truth, hierarchical, item_only = [], [], []
+    for rep in range(200):
+        p = rng.uniform(0.1, 0.9, 300)
+        a = (rng.random((3, 300)) < np.clip(p + rng.normal(0, 0.03, (3, 1)), 0, 1)).astype(float)
+        b = (rng.random((3, 300)) < p).astype(float)
+        truth.append(a.mean() - b.mean())
+        if rep < 40:
+            hierarchical.append(compare({"x": a}, {"x": b}, resamples=500, seed=rep).se)
+            item_only.append((a - b).mean(0).std() / math.sqrt(300))
+    true_se = np.std(truth)
+    assert true_se < np.mean(hierarchical) < 1.6 * true_se
+    assert np.mean(item_only) < true_se

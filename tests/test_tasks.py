@@ -45,7 +45,7 @@ def user_row(i: int, **overrides) -> dict:
 
 
 @needs_data
-@pytest.mark.parametrize("task", KNOWN_TASKS)
+@pytest.mark.parametrize("task", [t for t in KNOWN_TASKS if t != "mmlu"])  # no train split: its own test below
 def test_real_tasks_load_with_the_documented_row_counts(task):
     splits = {s: load_task(task, s, DATA_DIR) for s in ("train", "validation", "test")}
     assert tuple(len(v) for v in splits.values()) == COUNTS[task]
@@ -213,3 +213,52 @@ def test_without_a_local_copy_the_hub_error_names_the_path_tried_and_the_hub_dat
     assert out.startswith("TaskDataError")
     assert str(tmp_path / "allenai__openbookqa" / "main") in out
     assert "'allenai/openbookqa'" in out and "config 'main'" in out
+
+
+@needs_data
+def test_mmlu_is_evaluation_only_with_the_harness_prompt():
+    from mosld.data.prompts import get_template
+
+    test = load_task("mmlu", "test", DATA_DIR)
+    assert len(test) == 14042 and len(load_task("mmlu", "validation", DATA_DIR)) == 1531
+    assert is_eval_only("mmlu") and split_plan("mmlu", DATA_DIR) == {"validation": "validation", "test": "test"}
+    first = test[0]
+    context, body, answers = get_template("mmlu").render(first)
+    # lm-evaluation-harness's zero-shot mmlu: description + question + lettered choices + "Answer:", " A".." D"
+    expected = (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        f"{first.question}\nA. {first.choices[0]}\nB. {first.choices[1]}\nC. {first.choices[2]}\n"
+        f"D. {first.choices[3]}\nAnswer:"
+    )
+    assert context + body == expected and answers == [" A", " B", " C", " D"]
+
+
+@needs_data
+def test_mmlu_sample_is_stratified_by_subject_and_other_samples_are_unchanged():
+    import random
+    from collections import Counter
+
+    from mosld.data.tasks import seeded_sample
+
+    test = load_task("mmlu", "test", DATA_DIR)
+    sample = seeded_sample(test, 1000, 0)
+    assert len(sample) == 1000 and seeded_sample(test, 1000, 0) == sample
+    population, drawn = Counter(e.context for e in test), Counter(e.context for e in sample)
+    assert set(drawn) == set(population)  # all 57 subjects
+    for subject, n in population.items():  # proportional allocation: within one item of the exact share
+        assert abs(drawn[subject] - 1000 * n / len(test)) < 1
+    positions = {id(e): i for i, e in enumerate(test)}
+    assert [positions[id(e)] for e in sample] == sorted(positions[id(e)] for e in sample)  # file order kept
+    # a task without strata: the plain seeded sample, as before (earlier records' items still pair)
+    boolq = load_task("boolq", "test", DATA_DIR)
+    keep = sorted(random.Random(0).sample(range(len(boolq)), 300))
+    assert seeded_sample(boolq, 300, 0) == [boolq[i] for i in keep]
+
+
+def test_mmlu_rows_with_a_bad_answer_are_refused(tmp_path):
+    folder = tmp_path / "cais__mmlu" / "all"
+    row = {"question": "q", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": 4}
+    write_jsonl(folder / "test.jsonl", [row])
+    write_jsonl(folder / "validation.jsonl", [row])
+    with pytest.raises(TaskDataError, match=r"test.jsonl:1: field 'answer' = 4 is not a choice index 0-3"):
+        load_task("mmlu", "test", tmp_path)

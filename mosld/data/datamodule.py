@@ -211,6 +211,16 @@ def encode_cached(
     return items
 
 
+def _eval_caps(caps: dict[str, int] | None) -> dict[str, int]:
+    """Check ``eval_examples_by_task``: caps of at least 1 item. Names of tasks not being run are allowed: a
+    protocol's caps stay the same whichever of its tasks a test pass runs."""
+    caps = dict(caps or {})
+    bad = {name: n for name, n in caps.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
+    if bad:
+        raise ValueError(f"eval_examples_by_task: expected task name -> an integer >= 1, got {bad}")
+    return caps
+
+
 class MultiTaskDataModule(L.LightningDataModule):
     """Multi-task multiple-choice data: temperature-mixed training batches, one eval loader per task.
 
@@ -221,6 +231,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         temperature: Task sampling temperature T: task i is drawn with probability proportional to n_i^(1/T).
         max_train_examples: Per-task cap on training examples (subsample seeded with ``seed``).
         max_eval_examples: Per-task cap on validation/test items (fixed seeded sample, the same in every run).
+        eval_examples_by_task: The cap for named tasks instead (task name -> items), e.g. ``{"mmlu": 1000}``.
         batch_size: Training sequences per batch.
         eval_batch_size: Multiple-choice items per eval batch (all their choices go in the same batch).
         max_length: Token budget of a sequence; long passages are truncated to fit.
@@ -245,6 +256,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         temperature: float = 1.0,
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
+        eval_examples_by_task: dict[str, int] | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 8,
         max_length: int = 512,
@@ -287,6 +299,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.model_name_or_path = model_name_or_path
         self.temperature, self.seed = temperature, seed
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.eval_examples_by_task = _eval_caps(eval_examples_by_task)
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.data_dir, self.num_samples_per_epoch, self.num_workers = data_dir, num_samples_per_epoch, num_workers
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenized"
@@ -311,7 +324,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             if split == "train":
                 examples = seeded_sample(examples, self.max_train_examples, self.seed)
             else:
-                examples = seeded_sample(examples, self.max_eval_examples, EVAL_SAMPLE_SEED)
+                cap = self.eval_examples_by_task.get(self.task_names[task_id], self.max_eval_examples)
+                examples = seeded_sample(examples, cap, EVAL_SAMPLE_SEED)
             self._item_ids[key] = item_ids(examples)
             self._encoded[key] = encode_cached(
                 examples, self.tokenizer, self.templates[task_id], self.max_length, self.cache_dir

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from mosld.data.tasks import LETTERS, Example, TaskDataError
+from mosld.data.tasks import LETTERS, TASKS, Example, TaskDataError
 
 IGNORE_INDEX = -100
 
@@ -65,6 +65,9 @@ TEMPLATES: dict[str, PromptTemplate] = {
         PromptTemplate("science", context=""),
         PromptTemplate("passage"),
         PromptTemplate("yesno"),
+        # lm-evaluation-harness's zero-shot MMLU: the subject line (the context), the question, the lettered
+        # choices, "Answer:", and the letters as answers
+        PromptTemplate("mmlu", body="{question}\n{choices}\nAnswer:", answer=" {letter}"),
         # Variants kept for comparison (docs/zero_shot.md): long cue words; choices listed, target = letter or text.
         PromptTemplate("science_question", context="", body="Question: {question}\nAnswer:"),
         PromptTemplate("science_lettered", context="", **_LETTERED),
@@ -73,7 +76,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
         PromptTemplate("passage_listed", body=_LETTERED["body"]),
     )
 }
-FAMILY_TEMPLATES = {"science": "science", "passage": "passage", "yesno": "yesno"}
+FAMILY_TEMPLATES = {"science": "science", "passage": "passage", "yesno": "yesno", "mmlu": "mmlu"}
 
 
 def get_template(name: str | PromptTemplate) -> PromptTemplate:
@@ -138,7 +141,8 @@ def encode_examples(
         examples: Items to encode.
         tokenizer: The base model's tokenizer; its special prefix (e.g. BOS) starts every prompt.
         template: Template name or object.
-        max_length: Upper bound on prompt + longest answer + EOS, in tokens.
+        max_length: Upper bound on prompt + longest answer + EOS, in tokens; a registry task's ``min_length``
+            raises it for that task's items (MMLU's questions, evaluation only, are never cut).
 
     Returns:
         One ``EncodedItem`` per example.
@@ -150,6 +154,9 @@ def encode_examples(
     template = get_template(template)
     if max_length < 8:
         raise ValueError(f"max_length: expected at least 8 tokens, got {max_length}")
+    spec = TASKS.get(examples[0].task) if examples else None
+    if spec is not None and spec.min_length is not None:
+        max_length = max(max_length, spec.min_length)
     prefix = tokenizer("", add_special_tokens=True)["input_ids"]
     rendered = [template.render(e) for e in examples]
     contexts = _ids(tokenizer, [r[0] for r in rendered])

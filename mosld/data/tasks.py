@@ -21,7 +21,25 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+
+# the row shapes and parsers live in rows.py; the names are kept here, where the rest of mosld imports them from
+from .rows import (  # noqa: F401 -- re-exported
+    LETTERS,
+    MMLU_HEADER,
+    Example,
+    Parsed,
+    Row,
+    TaskDataError,
+    _first_duplicate,
+    _mmlu_subject,
+    _parse_arc,
+    _parse_boolq,
+    _parse_mctest,
+    _parse_mmlu,
+    _parse_openbookqa,
+    _parse_race,
+    _parse_user,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,45 +50,6 @@ HOLDOUT_SEED = 20241212
 EVAL_SAMPLE_SEED = 0
 DATA_DIR_ENV = "MOSLD_DATA_DIR"
 USER_COLUMNS = ("question", "choices", "label")
-LETTERS = "ABCDEFGHIJ"
-
-
-class TaskDataError(ValueError):
-    """A task's data cannot be loaded or parsed; the message names the task, file, line and field."""
-
-
-@dataclass
-class Example:
-    """One multiple-choice item, whatever dataset it came from.
-
-    Attributes:
-        task: Registry name (or user task name) the example belongs to.
-        context: Passage to read (RACE article, MCTest story, BoolQ passage), ``None`` for closed-book tasks.
-        question: The question or sentence stem.
-        choices: Answer texts, in the dataset's order.
-        label: Index of the correct entry of ``choices``.
-    """
-
-    task: str
-    context: str | None
-    question: str
-    choices: list[str]
-    label: int
-
-
-@dataclass(frozen=True)
-class Row:
-    """A raw dataset row with where it came from, for error messages."""
-
-    source: str
-    line: int
-    data: dict[str, Any]
-
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
-
-
-Parsed = tuple[str | None, str, list[str], int]
 
 
 @dataclass(frozen=True)
@@ -83,11 +62,15 @@ class TaskSpec:
         configs: Hub configs; several are concatenated split by split (MCTest: mc160 + mc500).
         columns: Columns a row must have.
         parse: Turns a row into (context, question, choices, label); raises ``TaskDataError``.
-        family: Prompt family (``science``, ``passage`` or ``yesno``), picks the default template.
+        family: Prompt family (``science``, ``passage``, ``yesno`` or ``mmlu``), picks the default template.
         test_source: Source split used as ``test``; ``validation`` where test labels are not public.
         hub_splits: Splits the hub dataset has.
         eval_only: Left out of training by default (BoolQ: the local train split has no passages).
         train_size: Seeded subsample size of train when the source has more rows (RACE: the paper's 10,083).
+        stratum: The stratum of an example for a seeded evaluation sample (``seeded_sample``): a capped sample
+            then takes every stratum in proportion to its size (MMLU: the subject); ``None`` for a plain sample.
+        min_length: Token budget of this task's sequences when ``max_length`` is smaller (MMLU: evaluation-only,
+            its questions are never cut, and 1,433 of its 14,042 test items need more than 256 tokens).
     """
 
     name: str
@@ -100,109 +83,11 @@ class TaskSpec:
     hub_splits: tuple[str, ...] = SPLITS
     eval_only: bool = False
     train_size: int | None = None
+    stratum: Callable[[Example], str] | None = None
+    min_length: int | None = None
 
     def local_dir(self, data_dir: Path, config: str) -> Path:
         return data_dir / self.hub_name.replace("/", "__") / config
-
-
-def _field(row: Row, key: str, kind: type) -> Any:
-    value = row.data[key]
-    # bool is an int subclass: true/false must not pass as a label index, nor 0/1 as a BoolQ answer.
-    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        raise TaskDataError(
-            f"{row.where()}: field {key!r} should be {kind.__name__}, got {type(value).__name__} {value!r:.80}"
-        )
-    return value
-
-
-def _letter_index(row: Row, key: str, letters: Sequence[str]) -> int:
-    answer = row.data[key]
-    if answer not in letters:
-        raise TaskDataError(
-            f"{row.where()}: label {key!r} = {answer!r} is not one of the choice labels {list(letters)} "
-            "(an unlabelled split, such as CommonsenseQA's test, cannot be used for training or scoring)"
-        )
-    return list(letters).index(answer)
-
-
-def _choices_struct(row: Row, key: str = "choices") -> tuple[list[str], list[str]]:
-    choices = _field(row, key, dict)
-    texts, labels = choices.get("text"), choices.get("label")
-    if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or not texts:
-        raise TaskDataError(
-            f"{row.where()}: field {key!r} should be {{'text': [...], 'label': [...]}} with equal, non-empty lists"
-        )
-    return [str(t) for t in texts], [str(label) for label in labels]
-
-
-def _parse_arc(row: Row) -> Parsed:
-    texts, labels = _choices_struct(row)
-    return None, _field(row, "question", str), texts, _letter_index(row, "answerKey", labels)
-
-
-def _parse_openbookqa(row: Row) -> Parsed:
-    texts, labels = _choices_struct(row)
-    return None, _field(row, "question_stem", str), texts, _letter_index(row, "answerKey", labels)
-
-
-def _parse_race(row: Row) -> Parsed:
-    options = [str(o) for o in _field(row, "options", list)]
-    label = _letter_index(row, "answer", LETTERS[: len(options)])
-    return _field(row, "article", str), _field(row, "question", str), options, label
-
-
-def _parse_mctest(row: Row) -> Parsed:
-    options = _field(row, "answer_options", dict)
-    letters = sorted(options)
-    # The hub (and the local copy) keep MCTest's literal "\newline" / "\tab" escapes in the story.
-    story = _field(row, "story", str).replace("\\newline", "\n").replace("\\tab", "\t")
-    return (
-        story,
-        _field(row, "question", str),
-        [str(options[k]) for k in letters],
-        _letter_index(row, "answer", letters),
-    )
-
-
-def _parse_boolq(row: Row) -> Parsed:
-    question = _field(row, "question", str).strip()
-    # BoolQ questions are lower-case and lack the question mark.
-    question = question[:1].upper() + question[1:] + ("" if question.endswith("?") else "?")
-    passage = _field(row, "passage", str).strip()
-    return passage or None, question, ["no", "yes"], int(_field(row, "answer", bool))
-
-
-def _first_duplicate(choices: Sequence[str]) -> str | None:
-    """The first choice that repeats an earlier one once whitespace is stripped, else None."""
-    seen: set[str] = set()
-    for choice in choices:
-        if choice.strip() in seen:
-            return choice
-        seen.add(choice.strip())
-    return None
-
-
-def _parse_user(row: Row) -> Parsed:
-    choices = _field(row, "choices", list)
-    if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
-        raise TaskDataError(
-            f"{row.where()}: field 'choices' should be a list of at least 2 non-empty strings, got {choices!r:.200}"
-        )
-    duplicate = _first_duplicate(choices)
-    if duplicate is not None:
-        raise TaskDataError(
-            f"{row.where()}: field 'choices' holds {duplicate!r} more than once (after stripping whitespace); "
-            "an item whose gold is a later copy could never be scored correct: make the choices distinct"
-        )
-    label = _field(row, "label", int)
-    if not 0 <= label < len(choices):
-        raise TaskDataError(
-            f"{row.where()}: field 'label' = {label} is outside the choices (expected 0..{len(choices) - 1})"
-        )
-    context = row.data.get("context")
-    if context is not None and not isinstance(context, str):
-        raise TaskDataError(f"{row.where()}: field 'context' should be a string or null, got {type(context).__name__}")
-    return context or None, _field(row, "question", str), list(choices), label
 
 
 _ARC_COLUMNS = ("question", "choices", "answerKey")
@@ -221,6 +106,10 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("arc_challenge", "allenai/ai2_arc", ("ARC-Challenge",), _ARC_COLUMNS, _parse_arc, "science"),
         TaskSpec("boolq", "google/boolq", ("default",), ("question", "passage", "answer"), _parse_boolq, "yesno",
                  test_source="validation", hub_splits=("train", "validation"), eval_only=True),
+        # no train split; dev (5 per subject, the few-shot pool) is not one of the three splits
+        TaskSpec("mmlu", "cais/mmlu", ("all",), ("question", "subject", "choices", "answer"), _parse_mmlu, "mmlu",
+                 hub_splits=("validation", "test"), eval_only=True, stratum=_mmlu_subject,
+                 min_length=2048),
     )
 }  # fmt: skip
 KNOWN_TASKS: tuple[str, ...] = tuple(TASKS)
@@ -467,13 +356,38 @@ def _held_out_indices(n: int) -> set[int]:
 
 
 def seeded_sample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
-    """At most ``limit`` examples drawn with ``seed``, kept in their original order."""
+    """At most ``limit`` examples drawn with ``seed``, kept in their original order.
+
+    Examples of a registry task with a ``stratum`` (MMLU: the subject) are drawn stratified: each stratum gets
+    its share of ``limit`` in proportion to its size (largest remainders, ties to the earlier stratum), drawn
+    with ``seed``; other tasks get a simple random sample (unchanged, so earlier records' items still pair).
+    """
     if limit is None or limit >= len(examples):
         return examples
     if limit < 1:
         raise ValueError(f"limit: expected a positive number of examples, got {limit}")
-    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    spec = TASKS.get(examples[0].task)
+    if spec is not None and spec.stratum is not None and all(e.task == spec.name for e in examples):
+        keep = _stratified_indices([spec.stratum(e) for e in examples], limit, seed)
+    else:
+        keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
     return [examples[i] for i in keep]
+
+
+def _stratified_indices(strata: list[str], limit: int, seed: int) -> list[int]:
+    """``limit`` indices drawn within each stratum in proportion to its size (proportional allocation)."""
+    members: dict[str, list[int]] = {}
+    for i, stratum in enumerate(strata):
+        members.setdefault(stratum, []).append(i)
+    names = sorted(members)
+    quotas = {s: limit * len(members[s]) / len(strata) for s in names}
+    counts = {s: int(quotas[s]) for s in names}
+    # the seats left go to the largest remainders (Hamilton's method), so the counts sum to limit
+    by_remainder = sorted(names, key=lambda s: (counts[s] - quotas[s], names.index(s)))
+    for s in by_remainder[: limit - sum(counts.values())]:
+        counts[s] += 1
+    rng = random.Random(seed)
+    return sorted(i for s in names for i in rng.sample(members[s], counts[s]))
 
 
 def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None) -> list[Example]:

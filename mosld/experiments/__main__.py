@@ -7,12 +7,26 @@ python -m mosld.experiments aggregate configs/experiments/cpu.yaml [--out docs/r
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from ..data.tasks import task_name
 from .aggregate import aggregate
 from .protocol import load_protocol, parse_only
 from .sweep import Sweep, SweepError
+
+
+def dry_run_state(record: Path, test_tasks: list[str] | None, setting: str) -> str:
+    """``to run``, ``recorded``, or ``recorded; lacks mmlu (top-up)`` for a mixture record missing test tasks."""
+    if not (record / "metrics.json").is_file():
+        return "to run"
+    have = json.loads((record / "metrics.json").read_text())["tasks"]
+    missing = [task_name(t) for t in test_tasks or [] if task_name(t) not in have] if setting == "mixture" else []
+    if not missing:
+        return "recorded"
+    kept = "from its adapter" if (record / "adapter").is_dir() else "only from its fit checkpoint: no adapter kept"
+    return f"recorded; lacks {', '.join(missing)} (top-up {kept})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = args.results_dir or Path("experiments/results") / protocol.name
         if args.command == "aggregate":
             out = args.out or Path("docs/results.md" if protocol.name == "cpu" else f"docs/results_{protocol.name}.md")
-            aggregate(results_dir, out, expected_runs=[run.name for run in protocol.runs()])
+            test_tasks = [task_name(t) for t in protocol.test_tasks or []]
+            aggregate(results_dir, out, expected_runs=[run.name for run in protocol.runs()], test_tasks=test_tasks)
             print(f"wrote {out}")
             return 0
         runs = protocol.runs(parse_only(args.only))
         if args.dry_run:
             for run in runs:
-                done = (results_dir / run.name / "metrics.json").is_file()
-                print(f"{run.name}: {'recorded' if done else 'to run'}")
+                print(f"{run.name}: {dry_run_state(results_dir / run.name, protocol.test_tasks, run.setting)}")
             return 0
         Sweep(protocol, results_dir, args.work_dir).run(runs, zero_shot=not args.no_zero_shot)
     except (ValueError, SweepError) as err:

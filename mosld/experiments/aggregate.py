@@ -16,7 +16,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..plots import heatmap_panels
-from .stats import mcnemar_exact, mean_sd, paired_bootstrap
+from .ood import COMPARISON_HEADER, INTERVALS_NOTE, METHOD_ORDER, NAMES, against_base, method_comparisons, ood_section
+from .stats import mcnemar_exact, mean_sd
 
 # The paper's orderings (PAPER.md, Table 1 and 2): (better, worse, what it tests).
 PAPER_ORDERINGS = [
@@ -28,9 +29,6 @@ PAPER_ORDERINGS = [
 ]
 # The paper's mixture-setting averages (LLaMA-2-7B, Table 1), for reference beside ours.
 PAPER_MIXTURE_AVG = {"lora": 69.15, "mola": 70.00, "mosl": 70.88, "mosld": 71.56, "share_b": 70.73}
-METHOD_ORDER = ["base", "lora", "mola", "mosl", "mosld", "share_b"]
-NAMES = {"base": "base (zero-shot)", "lora": "LoRA", "mola": "MoLA", "mosl": "MoSL", "mosld": "MoSLD",
-         "share_b": "share B"}  # fmt: skip
 
 
 def load_records(results_dir: Path) -> list[dict]:
@@ -40,32 +38,27 @@ def load_records(results_dir: Path) -> list[dict]:
         record = json.loads(metrics_path.read_text())
         rows = [json.loads(line) for line in (metrics_path.parent / "predictions.jsonl").read_text().splitlines()]
         record["predictions"] = {(r["task"], r["item"]): int(r["correct"]) for r in rows}
+        record["answers"] = {(r["task"], r["item"]): (int(r["pred"]), int(r["gold"])) for r in rows}
         routing = metrics_path.parent / "routing.json"
         record["routing"] = json.loads(routing.read_text()) if routing.is_file() else None
         records.append(record)
     return records
 
 
-def correctness(runs: list[dict], tasks: list[str], items: dict[str, list[str]]) -> dict[str, np.ndarray]:
-    """``{task: (seeds, items)}`` of 0/1 for runs sorted by seed, on the given item order."""
-    return {t: np.array([[r["predictions"][(t, i)] for i in items[t]] for r in runs], dtype=float) for t in tasks}
-
-
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
+
+
+def _ood_cell(values: list[float], runs: int) -> str:
+    """Mean ± s.d. over the runs that have the task; says how many when some lack it."""
+    if not values:
+        return "–"
+    return _mean_sd_cell(values) + (f" ({len(values)} of {runs})" if len(values) < runs else "")
 
 
 def _mean_sd_cell(values: list[float]) -> str:
     mean, sd = mean_sd(values)
     return f"{_pct(mean)} ± {_pct(sd)}" if len(values) > 1 else _pct(mean)
-
-
-def _verdict(diff: float, low: float, high: float) -> str:
-    if low > 0:
-        return "holds"
-    if high < 0:
-        return "is reversed"
-    return "is within noise"
 
 
 def aggregate(
@@ -74,6 +67,7 @@ def aggregate(
     figures_dir: Path | None = None,
     resamples: int = 2000,
     expected_runs: list[str] | None = None,
+    test_tasks: list[str] | None = None,
 ) -> str:
     """Write the results page for the records in ``results_dir`` and return its text.
 
@@ -83,6 +77,8 @@ def aggregate(
         figures_dir: Where the PNG figures go; default ``<out_md's folder>/results_<protocol>``.
         resamples: Bootstrap resamples.
         expected_runs: The protocol's run names; the page then says which have no record yet.
+        test_tasks: The names of the protocol's test tasks; those not trained on are out-of-domain, and the page
+            says which records lack them.
     """
     records = load_records(results_dir)
     if not records:
@@ -98,7 +94,9 @@ def aggregate(
     keys = sorted(groups, key=lambda k: (k[1] != "none", k[1], METHOD_ORDER.index(k[0])))
     trained = [r for r in records if r["method"] != "base"]
     in_domain = trained[0]["in_domain"] if trained else records[0]["in_domain"] or list(records[0]["tasks"])
-    ood = sorted({t for r in records for t in r["out_of_domain"]} - set(in_domain))
+    recorded_ood = {t for r in records for t in r["out_of_domain"]}
+    ood = [t for t in test_tasks or [] if t not in in_domain]
+    ood += sorted(recorded_ood - set(in_domain) - set(ood))
 
     lines = [f"# Results: protocol `{protocol}`", ""]
     lines += [
@@ -129,9 +127,10 @@ def aggregate(
         ]
         averages = [np.mean([r["tasks"][t]["acc"] for t in in_domain]) for r in runs]
         cells.append(f"**{_mean_sd_cell(averages)}**")
-        cells += [_mean_sd_cell([r["tasks"][t]["acc"] for r in runs]) if t in runs[0]["tasks"] else "–" for t in ood]
+        cells += [_ood_cell([r["tasks"][t]["acc"] for r in runs if t in r["tasks"]], len(runs)) for t in ood]
         lines.append("| " + " | ".join(cells) + " |")
-    items_per_task = {t: int(records[0]["tasks"][t]["items"]) for t in records[0]["tasks"]}
+    items_per_task = {t: int(r["tasks"][t]["items"]) for r in reversed(records) for t in r["tasks"]}
+    items_per_task = {t: items_per_task[t] for t in [*in_domain, *ood] if t in items_per_task}
     lines += ["", "Test items per task: " + ", ".join(f"{t} {n}" for t, n in items_per_task.items()) + ".", ""]
     other = [("sum of log-likelihoods", "acc_sum"), ("log-likelihood per token", "acc_token_norm")]
     lines += ["Average accuracy under the other two scorings (mean over seeds):", ""]
@@ -165,60 +164,45 @@ def aggregate(
     # ---- paired comparisons
     lines += ["", "## Paired comparisons", ""]
     lines += [
-        "Difference of the average accuracy (points), with a 95% interval from a paired bootstrap over test "
-        f"items ({resamples} resamples; each item's results in all seeds and both methods kept together), and "
+        f"Difference of the average accuracy (points) over the in-domain tasks, with 95% intervals ({resamples} "
+        "bootstrap resamples), the smallest difference the comparison can detect (80% power, alpha 0.05), and "
         "the exact McNemar test over all (seed, item) pairs of the in-domain tasks: `a>b` items the first "
         "method got right and the second wrong, `b>a` the reverse. Only seeds both methods have are used.",
         "",
-        "| comparison | setting | seeds | difference | 95% interval | a>b | b>a | McNemar p |",
-        "|---|---|---|---|---|---|---|---|",
+        INTERVALS_NOTE,
+        "",
+        "| comparison | setting | seeds | " + " | ".join(COMPARISON_HEADER) + " | a>b | b>a | McNemar p |",
+        "|---|---|---|" + "---|" * 7,
     ]
-    sentences = []
-    settings = sorted({k[1] for k in keys if k[1] != "none"})
-    for setting in settings:
-        for better, worse, claim in PAPER_ORDERINGS:
-            if (better, setting) not in groups or (worse, setting) not in groups:
-                continue
-            seeds = sorted(
-                {r["seed"] for r in groups[(better, setting)]} & {r["seed"] for r in groups[(worse, setting)]}
-            )
-            a = [r for r in groups[(better, setting)] if r["seed"] in seeds]
-            b = [r for r in groups[(worse, setting)] if r["seed"] in seeds]
-            items = {t: sorted(i for (task, i) in a[0]["predictions"] if task == t) for t in in_domain}
-            ca, cb = correctness(a, in_domain, items), correctness(b, in_domain, items)
-            diff, low, high = paired_bootstrap(ca, cb, resamples=resamples)
-            n_ab, n_ba, p = mcnemar_exact(ca, cb)
-            lines.append(
-                f"| {NAMES[better]} − {NAMES[worse]} | {setting} | {len(seeds)} | {100 * diff:+.2f} | "
-                f"[{100 * low:+.2f}, {100 * high:+.2f}] | {n_ab} | {n_ba} | {p:.3g} |"
-            )
-            sentences.append(
-                f"- {setting}: *{claim}* **{_verdict(diff, low, high)}** here "
-                f"({100 * diff:+.2f} points, 95% interval [{100 * low:+.2f}, {100 * high:+.2f}], McNemar p = {p:.3g})."
-            )
+    rows, sentences = method_comparisons(groups, PAPER_ORDERINGS, in_domain, resamples, mcnemar_exact)
+    lines += rows
     lines += ["", "## What the paper claims, and what holds here", ""]
     lines += sentences or ["- No pair of methods of the paper's orderings has records yet."]
     lines += [
         "",
-        '"Holds" and "is reversed" mean the 95% interval excludes zero; "within noise" means it does not. '
-        "For reference, the paper's mixture-setting averages (LLaMA-2-7B, 10 epochs, mean of 3 runs) are "
+        '"Holds" and "is reversed" mean the 95% interval over seeds and items excludes zero; "within noise" means '
+        "it does not. For reference, the paper's mixture-setting averages (LLaMA-2-7B, 10 epochs, mean of 3 runs) "
+        "are "
         + ", ".join(f"{NAMES[m]} {v:.2f}" for m, v in PAPER_MIXTURE_AVG.items())
         + "; a 135M-parameter model trained for minutes on a CPU is a different regime, so the question here "
-        "is only whether the orderings survive at this scale.",
+        "is only whether the orderings survive at this scale. The out-of-domain claims are in the next section.",
     ]
     base = groups.get(("base", "none"))
     if base and trained:
         base_avg = np.mean([base[0]["tasks"][t]["acc"] for t in in_domain])
-        lines += ["", f"Every run against the zero-shot base ({_pct(base_avg)} average on the same items):", ""]
+        lines += ["", f"Each method against the zero-shot base ({_pct(base_avg)} average on the same items):", ""]
+        lines += against_base(groups, in_domain, resamples)
+        lines += ["", "Every run against the base (average, points):", ""]
         lines += ["| run | average | vs base |", "|---|---|---|"]
         for r in sorted(trained, key=lambda r: (r["setting"], METHOD_ORDER.index(r["method"]), r["seed"])):
             avg = np.mean([r["tasks"][t]["acc"] for t in in_domain])
             lines.append(f"| {r['run']} | {_pct(avg)} | {100 * (avg - base_avg):+.1f} |")
+    if ood:
+        lines += ood_section(groups, keys, ood, resamples)
     # ---- figures
     lines += ["", "## Figures", ""]
-    _accuracy_figure(groups, keys, in_domain + ood).savefig(
-        figures_dir / "accuracy.png", dpi=110, metadata={"Software": None}
-    )
+    tested = [t for t in in_domain + ood if any(t in r["tasks"] for r in records)]
+    _accuracy_figure(groups, keys, tested).savefig(figures_dir / "accuracy.png", dpi=110, metadata={"Software": None})
     lines += [f"![accuracy per task]({figures_dir.name}/accuracy.png)", ""]
     if trained:
         _loss_figure(groups, keys).savefig(figures_dir / "train_loss.png", dpi=110, metadata={"Software": None})
@@ -251,9 +235,8 @@ def _accuracy_figure(groups: dict, keys: list, tasks: list[str]) -> Figure:
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
         runs = groups[key]
-        stats = [
-            mean_sd([r["tasks"][t]["acc"] for r in runs]) if t in runs[0]["tasks"] else (np.nan, 0.0) for t in tasks
-        ]
+        values = [[r["tasks"][t]["acc"] for r in runs if t in r["tasks"]] for t in tasks]
+        stats = [mean_sd(v) if v else (np.nan, 0.0) for v in values]
         x = np.arange(len(tasks)) + (j - (len(keys) - 1) / 2) * width
         ax.bar(x, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], capsize=2,
                label=f"{NAMES.get(key[0], key[0])} ({key[1]})" if key[1] != "none" else NAMES["base"])  # fmt: skip

@@ -8,8 +8,11 @@ Example::
     methods: [lora, mola, mosl, mosld]
     settings: [mixture]                    # and/or single (one model per task)
     seeds: [0, 1, 2]
-    test: {data.tasks: [arc_easy, boolq], data.max_eval_examples: 300}   # options of the test pass
-    commit_adapters: [0]                   # seeds whose exported adapter goes beside the record
+    test: {data.tasks: [arc_easy, boolq, mmlu], data.max_eval_examples: 300}   # options of the test pass
+    commit_adapters: [0, 1, 2]             # seeds whose exported adapter goes beside the record
+
+The test tasks that are not training tasks (BoolQ, MMLU: evaluation-only) are the out-of-domain tasks; a
+record that lacks a test task is topped up by the sweep (tested on the missing tasks from its kept adapter).
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class Protocol:
     description: str = ""
     source: str = ""
 
+    @property
+    def test_tasks(self) -> list[str] | None:
+        """The tasks of the test pass (``test: {data.tasks: [...]}``); ``None`` when the base config's are used."""
+        tasks = self.test.get("data.tasks")
+        return [str(t) for t in tasks] if tasks is not None else None
+
     def runs(self, only: dict[str, str] | None = None) -> list[Run]:
         """The runs in order: seed, then setting, then method (so a partial sweep covers every method early)."""
         runs = [Run(m, s, k) for k in self.seeds for s in self.settings for m in self.methods]
@@ -94,6 +103,9 @@ def load_protocol(path: str | Path) -> Protocol:
     for key in ("args", "test"):
         if not isinstance(data.get(key, {}), dict):
             raise ValueError(f"protocol {path}: {key}: expected a mapping of option -> value")
+    tasks = data.get("test", {}).get("data.tasks")
+    if tasks is not None and (not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks)):
+        raise ValueError(f"protocol {path}: test: data.tasks: expected a non-empty list of task names, got {tasks!r}")
     return Protocol(
         name=str(data["name"]),
         config=config,

@@ -5,7 +5,9 @@ Layout: the work of a run (TensorBoard logs, checkpoints, exported adapters) goe
 ``<work dir>/<run>/{fit,test}`` (git-ignored), its record to ``<results dir>/<run>/``: ``metrics.json``
 (written last: a run with it is finished and skipped), ``predictions.jsonl``, ``routing.json`` and, for the
 seeds in ``commit_adapters``, ``adapter/``. An interrupted fit resumes from the newest checkpoint in its
-folder, else starts again. For a given seed every method trains on the same batches in the same order
+folder, else starts again. A finished run whose record lacks some of the protocol's test tasks (a task added
+to the protocol later) is *topped up*: tested on the missing tasks only, from its kept adapter (or its fit's
+last checkpoint, where the work folder still has it), and the results merged into its record. For a given seed every method trains on the same batches in the same order
 (``seed_everything`` and ``data.seed`` are the seed) and is tested on the same items (the data module's fixed
 evaluation sample), so comparisons are paired. The base model is tested once per protocol (``zero_shot``).
 """
@@ -26,6 +28,7 @@ import yaml
 
 from ..data.tasks import is_eval_only, task_name
 from .protocol import Protocol, Run
+from .topup import adapter_checkpoint, merge_into_record, read_test_dir, write_json
 
 # Callbacks whose files make up a record; appended to the trainer's callbacks when the config lacks them.
 RECORD_CALLBACKS = (
@@ -84,12 +87,6 @@ def git_commit() -> str:
     return commit + ("+changes" if dirty else "")
 
 
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-
-
 class Sweep:
     """Runs a protocol's runs that have no record yet.
 
@@ -110,6 +107,7 @@ class Sweep:
         self.base_args = [a for c in protocol.config for a in ("--config", c)] + option_args(protocol.args)
         config = resolved_config("fit", self.base_args)
         self.train_tasks = [t for t in config["data"]["tasks"] if not is_eval_only(t)]
+        self.test_tasks = protocol.test_tasks or list(config["data"]["tasks"])
         present = {c.get("class_path") for c in config["trainer"].get("callbacks") or [] if isinstance(c, dict)}
         self.base_args += [f"--trainer.callbacks+={c}" for c in RECORD_CALLBACKS if c not in present]
         # what the method determines (AdapterConfig's METHOD_DEFAULTS) unless the protocol sets it: a base config
@@ -125,7 +123,12 @@ class Sweep:
             self.zero_shot()
         for i, run in enumerate(runs, 1):
             if (self.results_dir / run.name / "metrics.json").is_file():
-                self.log(f"[{i}/{len(runs)}] {run.name}: recorded, skipped")
+                missing = self.missing_tasks(self.results_dir / run.name, run)
+                if not missing:
+                    self.log(f"[{i}/{len(runs)}] {run.name}: recorded, skipped")
+                    continue
+                self.log(f"[{i}/{len(runs)}] {run.name}: recorded; topping up {', '.join(missing)}")
+                self.top_up(run, missing)
                 continue
             self.log(f"[{i}/{len(runs)}] {run.name}: running")
             start = time.perf_counter()
@@ -136,11 +139,61 @@ class Sweep:
         """The base model (untrained adapters equal it exactly) tested once on the protocol's test items."""
         record = self.results_dir / ZERO_SHOT
         if (record / "metrics.json").is_file():
+            missing = self.missing_tasks(record, None)
+            if missing:
+                self.log(f"{ZERO_SHOT}: recorded; topping up {', '.join(missing)}")
+                self.top_up(None, missing)
             return
         self.log(f"{ZERO_SHOT}: testing the base model")
         work = self.work_dir / ZERO_SHOT
         seconds = self._cli(work / "test.log", "test", *self.base_args, *logger_arg(work, "test"), *self.test_args)
         self._write_record(record, Run("base", "none", 0), [(None, work / "test", {"test_seconds": seconds})])
+
+    # ------------------------------------------------------------------ top-ups
+    def expected_tasks(self, run: Run | None) -> list[str]:
+        """The task names a record should hold: the test tasks (a single-setting run: its training tasks)."""
+        tasks = self.train_tasks if run is not None and run.setting == "single" else self.test_tasks
+        return [task_name(t) for t in tasks]
+
+    def missing_tasks(self, record: Path, run: Run | None) -> list[str]:
+        """Test tasks the record at ``record`` has no results for, in the protocol's order."""
+        have = json.loads((record / "metrics.json").read_text())["tasks"]
+        return [t for t in self.expected_tasks(run) if t not in have]
+
+    def top_up(self, run: Run | None, missing: list[str]) -> bool:
+        """Test a finished run (``None``: the base model) on ``missing`` tasks only and merge the results into
+        its record, from its kept adapter or its fit's last checkpoint; no retraining. Returns whether it did
+        (a trained run with neither is reported and left as it is: only retraining can give it the tasks)."""
+        name = run.name if run is not None else ZERO_SHOT
+        record, work = self.results_dir / name, self.work_dir / name
+        tasks = [t for t in self.test_tasks if task_name(t) in missing]
+        folder = work / f"topup-{len(list(work.glob('topup-*')))}"
+        test_part = [*logger_arg(folder, "test"), *self.test_args, "--data.tasks", json.dumps(tasks)]
+        if run is None:
+            source, args = "base model", [*self.base_args, *test_part]
+        else:
+            checkpoint, source = work / "fit" / "checkpoints" / "last.ckpt", "fit checkpoint"
+            if run.setting == "single":  # its models are tested on their own tasks only: a missing one needs a fit
+                self.log(f"  {name}: cannot top up {', '.join(missing)}: a single-setting run's models are tested "
+                         "on their own training task; remove the record to run it again")  # fmt: skip
+                return False
+            if not checkpoint.is_file() and not (record / "adapter" / "adapter_config.json").is_file():
+                self.log(f"  {name}: cannot top up {', '.join(missing)}: no adapter kept in {record} and no "
+                         f"checkpoint in {work / 'fit'}; remove the record to retrain the run")  # fmt: skip
+                return False
+            if not checkpoint.is_file():
+                checkpoint = adapter_checkpoint(record / "adapter", run.method, folder / "adapter.ckpt")
+                source = "kept adapter"
+            args = [*self.base_args, *self._run_args(run), *test_part, "--ckpt_path", str(checkpoint)]
+        seconds = self._cli(folder / "test.log", "test", *args)
+        merge_into_record(record, read_test_dir(folder / "test"), self.train_tasks,
+                          {"tasks": missing, "code": self.commit, "from": source, "test_seconds": seconds})  # fmt: skip
+        return True
+
+    def _run_args(self, run: Run) -> list[str]:
+        """The options that make a fit of ``run`` (its seed, method and setting) out of the base options."""
+        return ["--seed_everything", str(run.seed), "--data.seed", str(run.seed), "--model.adapter.method",
+                run.method, *self.method_args, "--data.setting", run.setting]  # fmt: skip
 
     def run_one(self, run: Run) -> None:
         work = self.work_dir / run.name
@@ -153,8 +206,7 @@ class Sweep:
     def _fit_and_test(self, run: Run, folder: Path, task: str | None) -> tuple[Path, Path, dict]:
         fit_dir, test_dir = folder / "fit", folder / "test"
         times = {}
-        run_args = ["--seed_everything", str(run.seed), "--data.seed", str(run.seed),
-                    "--model.adapter.method", run.method, *self.method_args, "--data.setting", run.setting]  # fmt: skip
+        run_args = self._run_args(run)
         if task is not None:
             run_args += ["--data.tasks", json.dumps([task])]
         if not (fit_dir / "train_record.json").is_file():
@@ -199,15 +251,10 @@ class Sweep:
             fit_dir, test_dir, part_times = part
             for key, value in part_times.items():
                 times[key] = times.get(key, 0.0) + value
-            history = json.loads((test_dir / "eval_metrics.json").read_text())
-            metrics = [h for h in history if h["stage"] == "test"][-1]
-            for key, value in metrics.items():
-                if key.startswith("test/") and key.count("/") == 2:
-                    _, task, name = key.split("/")
-                    tasks.setdefault(task, {})[name] = value
-            predictions += (test_dir / "test_predictions.jsonl").read_text().splitlines()
-            if (test_dir / "test_routing.json").is_file():
-                routing.update(json.loads((test_dir / "test_routing.json").read_text()))
+            part_tasks, part_predictions, part_routing = read_test_dir(test_dir)
+            tasks.update(part_tasks)
+            predictions += part_predictions
+            routing.update(part_routing)
             if fit_dir is not None:
                 train.append(json.loads((fit_dir / "train_record.json").read_text()))
                 if run.seed in self.protocol.commit_adapters and (fit_dir / "adapter").is_dir():
@@ -215,7 +262,7 @@ class Sweep:
                     shutil.copytree(fit_dir / "adapter", target)
         (tmp / "predictions.jsonl").write_text("".join(line + "\n" for line in predictions))
         if routing:
-            _write_json(tmp / "routing.json", routing)
+            write_json(tmp / "routing.json", routing)
         in_domain = [t for t in tasks if t in {task_name(x) for x in self.train_tasks}]
         summary = {
             "protocol": self.protocol.name,
@@ -247,6 +294,6 @@ class Sweep:
                 "machine": train[0]["machine"],
                 "train_loss_curve": train[0]["loss"] if len(train) == 1 else None,
             }
-        _write_json(tmp / "metrics.json", summary)
+        write_json(tmp / "metrics.json", summary)
         shutil.rmtree(record, ignore_errors=True)
         tmp.replace(record)
