@@ -2,6 +2,7 @@
 
 python -m mosld.experiments sweep configs/experiments/cpu.yaml [--only method=mosld,seed=1] [--dry-run]
 python -m mosld.experiments aggregate configs/experiments/cpu.yaml [--out docs/results.md]
+python -m mosld.experiments compare lightning_logs/version_0 lightning_logs/version_1 [--stage val]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from ..data.tasks import task_name
 from .aggregate import aggregate
+from .compare import SCORINGS, compare_runs, format_comparison
 from .protocol import load_protocol, parse_only
 from .sweep import Sweep, SweepError
 
@@ -43,8 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     agg.add_argument("protocol", help="a protocol file, e.g. configs/experiments/cpu.yaml")
     agg.add_argument("--results-dir", type=Path, help="default experiments/results/<protocol name>")
     agg.add_argument("--out", type=Path, help="default docs/results.md for cpu, else docs/results_<name>.md")
+    cmp = commands.add_parser("compare", help="two run folders item by item (paired interval, McNemar)")
+    cmp.add_argument("run_a", type=Path)
+    cmp.add_argument("run_b", type=Path)
+    cmp.add_argument("--stage", default="val", choices=("val", "test"), help="<stage>_predictions.jsonl to read")
+    cmp.add_argument("--scoring", default="correct", choices=SCORINGS, help="correct: the headline scoring")
+    cmp.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     try:
+        if args.command == "compare":
+            result = compare_runs(args.run_a, args.run_b, args.stage, args.scoring)
+            print(format_comparison(result, str(args.run_a), str(args.run_b)))
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1) + "\n")
+            return 0
         protocol = load_protocol(args.protocol)
         results_dir = args.results_dir or Path("experiments/results") / protocol.name
         if args.command == "aggregate":
