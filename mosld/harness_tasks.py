@@ -5,7 +5,7 @@
 scores exactly the prompt and continuations mosld scores, offline. Give the folder to the harness with
 ``--include_path``. The harness puts ``target_delimiter`` (the template answer's leading space) before each
 choice, as its own ARC and OpenBookQA tasks do; its ``acc_norm`` then divides by the choice's character
-length without that space (mosld's ``accuracy_norm`` divides by the same, see ``mosld.data.prompts``).
+length without that space, as mosld's ``accuracy_norm`` does (``EncodedItem.choice_chars``).
 
 Example::
 
@@ -33,13 +33,8 @@ METRICS = ("acc", "acc_norm", "acc_bytes")
 def harness_row(example: Example, template: PromptTemplate) -> dict:
     """One item as the exported task stores it: mosld's full prompt, the choices as the harness appends them."""
     context, body, answers = template.render(example)
-    delimiter = answer_delimiter(template)
-    return {"prompt": context + body, "choices": [a[len(delimiter) :] for a in answers], "label": example.label}
-
-
-def answer_delimiter(template: PromptTemplate) -> str:
-    """The whitespace a template puts before every answer: the harness's ``target_delimiter``."""
-    return template.answer[: len(template.answer) - len(template.answer.lstrip())]
+    choices = [a[len(template.delimiter) :] for a in answers]
+    return {"prompt": context + body, "choices": choices, "label": example.label}
 
 
 def task_config(name: str, data_file: Path, delimiter: str) -> dict:
@@ -86,7 +81,7 @@ def export_task(
     with open(data_file, "w") as handle:
         for example in examples:
             handle.write(json.dumps(harness_row(example, template)) + "\n")
-    config = task_config(name, data_file, answer_delimiter(template))
+    config = task_config(name, data_file, template.delimiter)
     (out / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return name
 
