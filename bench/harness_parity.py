@@ -69,7 +69,8 @@ def compare(task: str, lls_m: list, toks_m: list, samples: list, lm) -> dict:
     """Agreement of the chosen answers, and the disagreements with their causes, for one task."""
     rows = sorted(samples, key=lambda s: s["doc_id"])
     counts = {"sum": 0, "norm": 0, "norm_space": 0}
-    disagreements, max_diff, token_mismatch = [], 0.0, 0
+    disagreements, max_diff, token_mismatch, margins = [], 0.0, 0, {"sum": np.inf, "norm": np.inf}
+    non_ascii, byte_vs_char = 0, 0
     for i, row in enumerate(rows):
         m, h = np.array(lls_m[i]), np.array([r[0] for r in row["filtered_resps"]], dtype=float)
         choices = row["doc"]["choices"]
@@ -81,6 +82,12 @@ def compare(task: str, lls_m: list, toks_m: list, samples: list, lm) -> dict:
         chars_h = np.array([len(c) for c in choices], dtype=float)  # harness acc_norm: the choice, no delimiter
         chars_space = chars_h + 1  # mosld's lengths before the fix: the continuation with its leading space
         ones = np.ones_like(m)
+        for name, scale in (("sum", ones), ("norm", chars_m)):  # how close mosld's top two came
+            top = np.sort(m / scale)[-2:]
+            margins[name] = min(margins[name], float(top[1] - top[0]))
+        utf8 = np.array([len(c.encode("utf-8")) for c in choices], dtype=float)
+        non_ascii += not all(c.isascii() for c in choices)
+        byte_vs_char += int(np.argmax(h / utf8)) != int(np.argmax(h / chars_h))  # harness acc_bytes vs acc_norm
         scorings = {"sum": (ones, ones), "norm": (chars_m, chars_h), "norm_space": (chars_space, chars_h)}
         for name, (scale_m, scale_h) in scorings.items():
             pick_m, pick_h = int(np.argmax(m / scale_m)), int(np.argmax(h / scale_h))
@@ -92,7 +99,9 @@ def compare(task: str, lls_m: list, toks_m: list, samples: list, lm) -> dict:
                     "cause": why or cause(m, h, same, pick_m, pick_h, scale_m),
                     "mosld_ll": m.round(5).tolist(), "harness_ll": h.round(5).tolist(), "choices": choices,
                 })  # fmt: skip
-        assert row["acc"] == float(int(np.argmax(h)) == row["target"])  # the lls read are the ones it scored
+        # The log-likelihoods and lengths read here are the ones the harness scored with.
+        assert row["acc"] == float(int(np.argmax(h)) == row["target"])
+        assert row["acc_norm"] == float(int(np.argmax(h / chars_h)) == row["target"])
     n = len(rows)
     return {
         "items": n,
@@ -101,6 +110,10 @@ def compare(task: str, lls_m: list, toks_m: list, samples: list, lm) -> dict:
         "agree_norm_space": counts["norm_space"] / n,
         "token_mismatch_items": token_mismatch,
         "max_abs_loglik_diff": max_diff,
+        "min_margin_sum": margins["sum"],
+        "min_margin_norm": margins["norm"],
+        "non_ascii_items": non_ascii,
+        "byte_vs_char_pick_items": byte_vs_char,
         "disagreements": disagreements,
     }
 
@@ -142,13 +155,15 @@ def main() -> None:
 
 def table(report: dict) -> str:
     lines = [
-        "| task | items | agree: sum (acc) | agree: per char (acc_norm) | agree: per char incl. space | token splits differ | max abs log-lik diff | mosld s | harness s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| task | items | agree: sum (acc) | agree: per char (acc_norm) | agree: per char incl. space (old mosld) "
+        "| token splits differ | max abs log-lik diff | closest top-two gap, sum / per char | mosld s | harness s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for task, r in report["tasks"].items():
         lines.append(
             f"| {task} | {r['items']} | {r['agree_sum']:.3f} | {r['agree_norm']:.3f} | {r['agree_norm_space']:.3f} | "
-            f"{r['token_mismatch_items']} | {r['max_abs_loglik_diff']:.1e} | {r['seconds_mosld']} | {r['seconds_harness']} |"
+            f"{r['token_mismatch_items']} | {r['max_abs_loglik_diff']:.1e} | "
+            f"{r['min_margin_sum']:.1e} / {r['min_margin_norm']:.1e} | {r['seconds_mosld']} | {r['seconds_harness']} |"
         )
     return "\n".join(lines)
 
