@@ -10,6 +10,8 @@ different length normalisation. Results: docs/harness.md.
 
     MOSLD_DATA_DIR=../shared/data HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 \
         python -m bench.harness_parity --limit 300 --out docs/harness_parity.json
+    python -m bench.harness_parity --adapter experiments/results/cpu/mosld-mixture-seed0/adapter --tasks openbookqa \
+        --out /tmp/parity_trained.json      # a trained, routed adapter
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import mosld
 from mosld.data.datamodule import eval_loader
 from mosld.data.prompts import FAMILY_TEMPLATES, encode_examples, get_template
 from mosld.data.tasks import EVAL_SAMPLE_SEED, load_task, seeded_sample, task_family
@@ -124,12 +127,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", default="docs/harness_parity.json")
+    parser.add_argument("--adapter", default=None, help="a mosld adapter folder to load onto the base (routed)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_base_model("embedded:smollm2-135m").eval()
+    if args.adapter:
+        model = mosld.load_adapter(model, args.adapter).eval()
     tokenizer = load_tokenizer("embedded:smollm2-135m")
     lm = harness_lm(model, tokenizer, batch_size=args.batch_size)
-    report = {"limit": args.limit, "threads": torch.get_num_threads(), "tasks": {}}
+    report = {"limit": args.limit, "threads": torch.get_num_threads(), "adapter": args.adapter, "tasks": {}}
     with tempfile.TemporaryDirectory() as folder:
         for task in args.tasks.split(","):
             assert get_template(FAMILY_TEMPLATES[task_family(task)]).delimiter == " "
