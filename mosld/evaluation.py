@@ -1,7 +1,7 @@
 """Multiple-choice evaluation: log-likelihood scoring of each choice, or greedy generation and answer extraction.
 
 Headline metric: ``accuracy_norm``, the choice with the highest log-likelihood divided by the character
-length of its continuation (the answer text with its leading space: lm-evaluation-harness's ``acc_norm``),
+length of its answer text (without the leading space: lm-evaluation-harness's ``acc_norm``, docs/harness.md),
 scored cloze-style after the task's prompt. ``accuracy_sum`` (unnormalised) and ``accuracy_token_norm``
 (mean per answer token) are reported beside it. Measurements behind the choice: docs/zero_shot.md.
 """
@@ -142,7 +142,7 @@ def score_batch(model: torch.nn.Module, batch: dict[str, Tensor], share_prompt: 
         ``correct_norm``, ``correct_token_norm`` (float 0/1), ``pred`` (headline choice), ``gold_loss_sum``
         (summed NLL of the gold answer tokens) and ``gold_tokens`` (their count); and per sequence (one per item
         and choice, as ``batch["item_index"]`` / ``batch["choice_index"]``): ``choice_logprob`` (summed
-        log-likelihood of the choice) and ``choice_logprob_norm`` (divided by the choice's character length).
+        log-likelihood of the choice) and ``choice_logprob_norm`` (divided by the choice's character length, as ``EncodedItem.choice_chars``).
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

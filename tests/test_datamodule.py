@@ -42,7 +42,8 @@ def test_encoding_masks_the_prompt_and_keeps_the_answer_text(tokenizer):
     item = encode_examples([example], tokenizer, "science", 64)[0]
     assert tokenizer.decode(item.prompt) == "Q: What do bees make?\nA:"
     assert [tokenizer.decode(c) for c in item.choices] == [" milk", " honey"]
-    assert item.choice_chars == [5, 6]  # " milk", " honey": lm-eval counts the space
+    # "milk", "honey": lm-eval's acc_norm divides by the choice without its target_delimiter (docs/harness.md)
+    assert item.choice_chars == [4, 5]
     ids, labels = item.train_sequence(tokenizer.eos_token_id)
     answer = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
     assert tokenizer.decode(answer) == " honey" + tokenizer.eos_token
@@ -118,7 +119,7 @@ def test_eval_batches_hold_whole_items_and_agree_with_training(tmp_path, tokeniz
             texts = [tokenizer.decode(batch["input_ids"][r][batch["labels"][r] != -100]).strip() for r in rows]
             example = next(e for e in examples if e.choices == texts)
             assert batch["gold"][i] == example.label
-            assert batch["choice_chars"][rows].tolist() == [len(c) + 1 for c in example.choices]
+            assert batch["choice_chars"][rows].tolist() == [len(c) for c in example.choices]
             # The gold row is the training sequence of the same item, minus its EOS.
             gold_row = rows[example.label]
             seq = batch["input_ids"][gold_row][batch["attention_mask"][gold_row] == 1].tolist()

@@ -34,8 +34,8 @@ from mosld.models import cache_root, load_tokenizer
 
 log = logging.getLogger(__name__)
 # Bump when the encoding changes, so stale cached token ids are never reused (2: items whose question or
-# answers do not fit max_length are refused, no longer cut).
-CACHE_VERSION = 2
+# answers do not fit max_length are refused, no longer cut; 3: choice_chars without the leading space).
+CACHE_VERSION = 3
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

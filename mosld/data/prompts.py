@@ -38,6 +38,11 @@ class PromptTemplate:
     choice: str = "{letter}. {text}"
     answer: str = " {text}"
 
+    @property
+    def delimiter(self) -> str:
+        """The whitespace before every answer (lm-evaluation-harness's ``target_delimiter``)."""
+        return self.answer[: len(self.answer) - len(self.answer.lstrip())]
+
     def render(self, example: Example) -> tuple[str, str, list[str]]:
         """(truncatable part, body, answer texts): the prompt is the first two joined.
 
@@ -96,8 +101,8 @@ class EncodedItem:
         prompt: Prompt tokens (special prefix, possibly truncated passage, question).
         choices: Answer tokens of each choice, without EOS.
         label: Index of the gold choice.
-        choice_chars: Character length of each choice's continuation (answer text with its leading space), the
-            length normalisation of lm-evaluation-harness's ``acc_norm``.
+        choice_chars: Character length of each choice's continuation without the template's leading space (the
+            delimiter), the length normalisation of lm-evaluation-harness's ``acc_norm`` (docs/harness.md).
     """
 
     prompt: list[int]
@@ -179,7 +184,8 @@ def encode_examples(
             too_long.append(len(prefix) + len(body) + longest + 1)
             continue
         prompt = prefix + context[: room - len(body)] + body
-        chars = [len(a) for a in answers]  # the continuation, leading space included, as lm-eval's acc_norm
+        # lm-eval's acc_norm divides by the choice's length without its target_delimiter (docs/harness.md).
+        chars = [len(a) - len(template.delimiter) for a in answers]
         items.append(EncodedItem(prompt, choice_ids, example.label, chars))
     if too_long:
         raise TaskDataError(

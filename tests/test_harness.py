@@ -1,0 +1,140 @@
+"""The lm-evaluation-harness bridge: a routed mosld adapter scored by the harness, offline, on local tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import EXAMPLE_TASK
+
+import mosld
+from mosld.data.datamodule import eval_loader
+from mosld.data.prompts import FAMILY_TEMPLATES, encode_examples, get_template
+from mosld.data.tasks import load_task, task_family
+from mosld.evaluation import score_batch
+from mosld.harness import harness_lm, load_model, main, run_harness, spec_from_adapter, spec_from_run
+from mosld.harness_tasks import export_task, harness_row
+from mosld.models import load_base_model, load_tokenizer
+
+pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run folder as fit leaves it: config.yaml naming the tiny base, and a routed MoSLD adapter/."""
+    run = tmp_path_factory.mktemp("run")
+    model = load_base_model(tiny_model_dir)
+    cfg = mosld.AdapterConfig(method="mosld", r=4, alpha=8, target_modules=("q_proj", "v_proj"), num_experts=(4, 2))
+    mosld.inject_adapters(model, cfg)
+    torch.manual_seed(1)
+    for layer in mosld.adapter_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)  # B starts at zero: make the adapter change the scores
+    mosld.save_adapter(model, run / "adapter")
+    config = {"model": {"model_name_or_path": tiny_model_dir, "dtype": "float32", "adapter": cfg.to_dict()}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def harness_samples(lm, tasks: Path, name: str) -> list[dict]:
+    options = dict(num_fewshot=0, limit=None, log_samples=True, include_path=[tasks], bootstrap_iters=0)
+    options |= dict(apply_chat_template=False, gen_kwargs=None, seed=0, tasks=name)
+    results = run_harness(lm, type("Args", (), options)())
+    return sorted(results["samples"][name], key=lambda s: s["doc_id"]), results["results"][name]
+
+
+@torch.inference_mode()
+def mosld_choice_logprobs(model, tokenizer) -> list[list[float]]:
+    """mosld's summed log-likelihood of every choice of the example task's test items, in file order."""
+    template = FAMILY_TEMPLATES[task_family(EXAMPLE_TASK)]  # passages where the items have them, as export_task
+    items = encode_examples(load_task(EXAMPLE_TASK, "test"), tokenizer, template, 256)
+    scores: list = [None] * len(items)
+    for batch in eval_loader(items, 0, tokenizer.pad_token_id, 4):
+        out = score_batch(model.eval(), batch)
+        for k, item_id in enumerate(batch["item_ids"]):
+            scores[int(item_id)] = out["choice_logprob"][batch["item_index"] == k].tolist()
+    return scores
+
+
+def test_bridge_scores_a_run_on_a_local_task_yaml(run_dir, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    config = {
+        "task": "example_mc",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(EXAMPLE_TASK) / "test.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Q: {{question}}\nA:",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+    }
+    (tasks / "example_mc.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    args = ["--run", str(run_dir), "--tasks", "example_mc", "--include_path", str(tasks), "--output_path", str(out)]
+    main([*args, "--log_samples", "--bootstrap_iters", "0", "--batch_size", "4"])
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["results"]["example_mc"]["acc,none"] <= 1.0
+    assert results["mosld"]["adapter"] == str(run_dir / "adapter")
+    samples = (out / "samples_example_mc.jsonl").read_text().splitlines()
+    assert len(samples) == len(load_task(EXAMPLE_TASK, "test"))
+    assert json.loads(samples[0])["arguments"][0][0] == "Q: Which of these is the largest?\nA:"
+
+
+def test_harness_logliks_are_mosld_scores_with_routing(run_dir, tiny_model_dir, tmp_path):
+    spec = spec_from_adapter(run_dir / "adapter")
+    assert spec == spec_from_run(run_dir)  # the adapter's config names the same base
+    tokenizer = load_tokenizer(spec.base)
+    model = load_model(spec)
+    assert mosld.adapter_layers(model) and all(m.num_experts > 1 for m in mosld.adapter_layers(model).values())
+    name = export_task(EXAMPLE_TASK, tmp_path)
+    samples, metrics = harness_samples(harness_lm(model, tokenizer, batch_size=4), tmp_path, name)
+    harness = [[r[0] for r in s["filtered_resps"]] for s in samples]
+    ours = mosld_choice_logprobs(model, tokenizer)
+    for h, m in zip(harness, ours, strict=True):
+        assert h == pytest.approx(m, abs=1e-4)
+    base_samples, _ = harness_samples(harness_lm(load_base_model(tiny_model_dir), tokenizer, 4), tmp_path, name)
+    base = [[r[0] for r in s["filtered_resps"]] for s in base_samples]
+    assert max(abs(a - b) for h, b_ in zip(harness, base, strict=True) for a, b in zip(h, b_, strict=True)) > 1e-2
+    # Same scores and the same length normalisation: the harness's acc / acc_norm are mosld's sum / norm.
+    ours_acc = mosld.evaluate(model, tokenizer, [EXAMPLE_TASK], split="test", max_length=256)["metrics"]
+    assert metrics["acc,none"] == pytest.approx(ours_acc["example_task"]["accuracy_sum"])
+    assert metrics["acc_norm,none"] == pytest.approx(ours_acc["example_task"]["accuracy_norm"])
+
+
+def test_export_task_writes_mosld_prompts_and_harness_choices(tmp_path):
+    name = export_task(EXAMPLE_TASK, tmp_path, limit=5)
+    config = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+    rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert name == "mosld_example_task" and config["target_delimiter"] == " " and len(rows) == 5
+    example = load_task(EXAMPLE_TASK, "test")[0]
+    assert harness_row(example, get_template("science")) == {
+        "prompt": "Q: Which of these is the largest?\nA:",
+        "choices": example.choices,
+        "label": example.label,
+    }
+    # A passage task's prompt carries the passage, as mosld renders it.
+    passage = type(example)("t", "Once upon a time.", "Who?", ["a", "b"], 0)
+    assert harness_row(passage, get_template("passage"))["prompt"] == "Once upon a time.\n\nQ: Who?\nA:"
+
+
+def test_bad_run_path_names_the_option_and_the_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--run", str(tmp_path / "version_9"), "--tasks", "arc_easy"])
+    err = capsys.readouterr().err
+    assert "--run" in err and "config.yaml" in err and "version_9" in err
+
+
+def test_run_and_adapter_together_are_refused(run_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["--run", str(run_dir), "--adapter", str(run_dir / "adapter"), "--tasks", "x"])
+    assert "give one" in capsys.readouterr().err
