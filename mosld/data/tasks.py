@@ -355,7 +355,7 @@ def _held_out_indices(n: int) -> set[int]:
     return set(random.Random(HOLDOUT_SEED).sample(range(n), count))
 
 
-def seeded_sample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+def seeded_sample(examples: list, limit: int | None, seed: int) -> list:
     """At most ``limit`` examples drawn with ``seed``, kept in their original order.
 
     Examples of a registry task with a ``stratum`` (MMLU: the subject) are drawn stratified: each stratum gets
@@ -366,8 +366,9 @@ def seeded_sample(examples: list[Example], limit: int | None, seed: int) -> list
         return examples
     if limit < 1:
         raise ValueError(f"limit: expected a positive number of examples, got {limit}")
-    spec = TASKS.get(examples[0].task)
-    if spec is not None and spec.stratum is not None and all(e.task == spec.name for e in examples):
+    # anything else with a list to sample from (encoded items, say) has no task: a simple random sample
+    spec = TASKS.get(getattr(examples[0], "task", None))
+    if spec is not None and spec.stratum is not None and all(getattr(e, "task", None) == spec.name for e in examples):
         keep = _stratified_indices([spec.stratum(e) for e in examples], limit, seed)
     else:
         keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
