@@ -169,24 +169,40 @@ def run_all(bases: list[str], args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def predicted_peak(row: dict, args: argparse.Namespace) -> int:
+    """The planner's total (``mosld.memory``) for a measured configuration."""
+    from mosld.memory import plan_from_options
+
+    dtype, quantization = BASES[row["base"]]
+    adapter = {"method": row["method"], "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    model = {"model_name_or_path": MODEL, "dtype": dtype, "quantization": quantization, "adapter": adapter}
+    options = {"model": model | {"gradient_checkpointing": row["checkpointing"]}}
+    return plan_from_options(options, args.batch, args.seq, args.answer_tokens)[0].total
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    """The side-by-side table (MiB)."""
+    """The side-by-side table (MiB) with the planner's prediction beside each measured peak."""
     device = next((r["device"] for r in rows if "device" in r), "?")
     what = "VmHWM - RSS before the model was built" if device == "cpu" else "max allocated"
     lines = [
         f"#### SmolLM2-135M, one training step, {device}, batch {args.batch} x {args.seq} tokens, "
         f"loss on {args.answer_tokens} answer positions per sequence (peak: {what})",
         "",
-        "| base | method | checkpointing | trainable | resident MiB | saved MiB | step growth MiB | peak MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| base | method | checkpointing | trainable | resident MiB | saved MiB | step growth MiB "
+        "| overhead MiB | peak MiB | planner MiB | planner vs peak |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         head = f"| {r['base']} | {r['method']} | {'on' if r['checkpointing'] else 'off'} |"
         if "error" in r:
-            lines.append(head + f" failed: {r['error'][:80]} | | | | |")
+            lines.append(head + f" failed: {r['error'][:80]} |" + " |" * 7)
             continue
-        mib = [f"{r[k] / MIB:,.0f}" for k in ("resident", "saved", "step_growth", "peak")]
-        lines.append(head + f" {r['trainable']:,} | " + " | ".join(mib) + " |")
+        # what the process holds between steps beyond its tensors: allocator, libraries, load leftovers
+        overhead = r["before_step"] - r["resident"]
+        mib = [f"{v / MIB:,.0f}" for v in (r["resident"], r["saved"], r["step_growth"], overhead, r["peak"])]
+        predicted = predicted_peak(r, args)
+        diff = f"{100 * (predicted - r['peak']) / r['peak']:+.1f}%"
+        lines.append(head + f" {r['trainable']:,} | " + " | ".join(mib) + f" | {predicted / MIB:,.0f} | {diff} |")
     lines += [
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -202,12 +218,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--answer-tokens", type=int, default=4)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--from-json", nargs="+", default=None, help="tabulate saved results (merged in order)")
     parser.add_argument("--worker", nargs=3, metavar=("BASE", "METHOD", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         base, method, ckpt = args.worker
         print(json.dumps(measure(base, method, ckpt == "1", args.batch, args.seq, args.answer_tokens)))
         return []
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(Path(path).read_text())["rows"]]
+        print(markdown(rows, args))
+        return rows
     bases = args.bases.split(",")
     unknown = [b for b in bases if b not in BASES]
     if unknown:

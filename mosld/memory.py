@@ -11,7 +11,8 @@ saved-tensor hooks. The prediction is the sum of:
   gradient checkpointing the forward keeps each decoder layer's input only, and the backward recomputes
   one layer at a time: the inputs plus the largest layer's saved bytes.
 * **transient**: the answer-position logits in fp32 (logits, log-softmax, their gradient) and the
-  backward's working set (the gradient flowing between layers plus the largest saved tensor's gradient).
+  backward's working set: the gradient flowing between layers (two hidden states), one MLP-wide gradient
+  and, for a quantized base, one dequantized weight matrix.
 
 Example::
 
@@ -104,16 +105,22 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def _quantized_linears(model: nn.Module) -> list[nn.Linear]:
+    """The linears bitsandbytes quantizes: every frozen ``nn.Linear`` but the LM head."""
+    output = model.get_output_embeddings()
+    return [
+        m for m in model.modules() if isinstance(m, nn.Linear) and m is not output and not m.weight.requires_grad
+    ]
+
+
 def weight_bytes(model: nn.Module, quantization: QuantizationConfig) -> int:
     """Frozen parameters and buffers at their dtype; quantized linears by ``quantized_linear_bytes``."""
     quantized: set[int] = set()
     total = 0
     if quantization.enabled:
-        output = model.get_output_embeddings()
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module is not output and not module.weight.requires_grad:
-                quantized.add(_storage_key(module.weight))
-                total += quantized_linear_bytes(module.out_features, module.in_features, quantization)
+        for module in _quantized_linears(model):
+            quantized.add(_storage_key(module.weight))
+            total += quantized_linear_bytes(module.out_features, module.in_features, quantization)
     seen = set(quantized)
     for t in [*model.parameters(), *model.buffers()]:
         key = _storage_key(t)
@@ -251,6 +258,8 @@ def plan(
     intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     logits = 3 * batch * answer_tokens * config.vocab_size * 4
     working = 2 * hidden + batch * seq * intermediate * dtype_bytes
+    if quantization.enabled:  # each quantized matmul dequantizes its weight, one layer at a time
+        working += max(m.weight.numel() for m in _quantized_linears(model)) * dtype_bytes
     return Plan(
         weights=weight_bytes(model, quantization),
         adapter_params=params,
@@ -298,7 +307,7 @@ def _merge(into: dict, new: dict) -> None:
 
 
 def meta_base(name: str, dtype: torch.dtype, model_config: str | None = None) -> nn.Module:
-    """The base model on meta: from ``model_config`` (a config.json), the known table, or a local/embedded model."""
+    """The frozen base model on meta: from ``model_config`` (a config.json), the known table, or a local/embedded model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_config is not None:
@@ -308,8 +317,7 @@ def meta_base(name: str, dtype: torch.dtype, model_config: str | None = None) ->
     elif name in KNOWN_ARCHITECTURES:
         config = AutoConfig.for_model(**KNOWN_ARCHITECTURES[name])
     elif is_embedded(name) or Path(name).is_dir():
-        model = meta_model(name)
-        return model.to(dtype)
+        return meta_model(name).to(dtype).requires_grad_(False)
     else:
         raise ValueError(
             f"model.model_name_or_path: {name!r} is neither local nor a known architecture "
@@ -317,7 +325,7 @@ def meta_base(name: str, dtype: torch.dtype, model_config: str | None = None) ->
         )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return model.to(dtype)
+    return model.to(dtype).requires_grad_(False)
 
 
 def plan_from_options(
@@ -336,7 +344,6 @@ def plan_from_options(
     # stay in model.dtype whatever the 4-bit compute dtype
     model = meta_base(name, DTYPES[dtype_name], model_config)
     model.config.use_cache = False
-    model.requires_grad_(False)
     with contextlib.suppress(AttributeError):
         model.config._attn_implementation = "sdpa"
     inject_adapters(model, adapter)
