@@ -108,9 +108,7 @@ def _storage_key(t: torch.Tensor) -> int:
 def _quantized_linears(model: nn.Module) -> list[nn.Linear]:
     """The linears bitsandbytes quantizes: every frozen ``nn.Linear`` but the LM head."""
     output = model.get_output_embeddings()
-    return [
-        m for m in model.modules() if isinstance(m, nn.Linear) and m is not output and not m.weight.requires_grad
-    ]
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m is not output and not m.weight.requires_grad]
 
 
 def weight_bytes(model: nn.Module, quantization: QuantizationConfig) -> int:
