@@ -226,7 +226,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(measure(base, method, ckpt == "1", args.batch, args.seq, args.answer_tokens)))
         return []
     if args.from_json:
-        rows = [row for path in args.from_json for row in json.loads(Path(path).read_text())["rows"]]
+        saved = [json.loads(Path(path).read_text()) for path in args.from_json]
+        rows = [row for result in saved for row in result["rows"]]
+        for key in ("batch", "seq", "answer_tokens"):  # the shape the rows were measured with
+            setattr(args, key, saved[0]["args"][key])
         print(markdown(rows, args))
         return rows
     bases = args.bases.split(",")
