@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from helpers import DEFAULT_CONFIG, tiny_config
@@ -126,3 +128,16 @@ def test_cli_names_the_bad_option(args, message, capsys):
     with pytest.raises(SystemExit):
         main(["--config", DEFAULT_CONFIG, "--batch", "1", "--seq", "8", *args])
     assert message in capsys.readouterr().err
+
+
+def test_bench_table_puts_the_planner_beside_the_measured_peak():
+    from bench.memory_table import markdown, predicted_peak
+
+    args = argparse.Namespace(batch=2, seq=16, answer_tokens=2)
+    row = dict(base="fp32", method="lora", checkpointing=True, device="cpu", trainable=1, resident=0, saved=0)
+    row |= dict(before_step=0, step_growth=0)
+    row["peak"] = predicted_peak(row, args)
+    assert row["peak"] > 0
+    assert "| +0.0% |" in markdown([row], args)
+    row["peak"] = row["peak"] // 2
+    assert "| +100.0% |" in markdown([row], args)
