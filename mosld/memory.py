@@ -190,20 +190,27 @@ def _meta_forward() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices, mapping["sdpa"] = original
 
 
-def saved_bytes(model: nn.Module, batch: int, seq: int, answer_tokens: int) -> SavedBytes:
-    """Run one forward + loss on meta under saved-tensor hooks; attribute each new storage to its layer."""
+def saved_bytes(
+    model: nn.Module, batch: int, seq: int, answer_tokens: int, held_inputs: list[nn.Module] = ()
+) -> SavedBytes:
+    """Run one forward + loss on meta under saved-tensor hooks; attribute each new storage to its layer.
+
+    ``held_inputs``: modules whose backward keeps their input outside autograd's saved tensors (counted too).
+    """
     layers = decoder_layers(model)
     params = {_storage_key(p) for p in model.parameters()}
     seen: set[int] = set()
     per_layer = [0] * len(layers)
     current: list[int | None] = [None]
     counts = {"outside": 0}
+    alive: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key in params or key in seen:
             return t
         seen.add(key)
+        alive.append(t)  # a freed storage's address can come back for a new one: keep each counted one
         nbytes = t.untyped_storage().nbytes()
         if current[0] is None:
             counts["outside"] += nbytes
@@ -215,6 +222,11 @@ def saved_bytes(model: nn.Module, batch: int, seq: int, answer_tokens: int) -> S
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(lambda *_, i=i: current.__setitem__(0, i)))
         handles.append(layer.register_forward_hook(lambda *_: current.__setitem__(0, None)))
+
+    def hold(module: nn.Module, args: tuple) -> None:
+        pack(args[0])
+
+    handles += [module.register_forward_pre_hook(hold) for module in held_inputs]
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     targets = torch.zeros(batch * answer_tokens, dtype=torch.long, device="meta")
     try:
@@ -241,7 +253,9 @@ def plan(
         raise ValueError(f"answer_tokens: expected 1 to seq ({seq}), got {answer_tokens}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     params = sum(p.numel() * p.element_size() for p in trainable)
-    saved = saved_bytes(model, batch, seq, answer_tokens)
+    # bitsandbytes' 8-bit matmul on a CPU keeps its input as ``ctx.A``, which saved-tensor hooks do not see
+    held = _quantized_linears(model) if quantization.bits == 8 else []
+    saved = saved_bytes(model, batch, seq, answer_tokens, held)
     notes = []
     layers = saved.layers
     config = model.config
