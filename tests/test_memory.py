@@ -141,3 +141,12 @@ def test_bench_table_puts_the_planner_beside_the_measured_peak():
     assert "| +0.0% |" in markdown([row], args)
     row["peak"] = row["peak"] // 2
     assert "| +100.0% |" in markdown([row], args)
+
+
+def test_int8_counts_the_inputs_bitsandbytes_keeps(model_dir):
+    """On a CPU bitsandbytes' 8-bit matmul keeps its input for backward outside autograd's saved tensors."""
+    model = adapted_meta(model_dir, "lora")
+    fp32 = plan(model, QuantizationConfig(), 2, 16, 2, checkpointing=False)
+    int8 = plan(model, QuantizationConfig(bits=8), 2, 16, 2, checkpointing=False)
+    nf4 = plan(model, QuantizationConfig(bits=4), 2, 16, 2, checkpointing=False)
+    assert int8.activations > fp32.activations == nf4.activations
