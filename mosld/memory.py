@@ -297,8 +297,8 @@ def read_options(config_files: list[str], overrides: list[str]) -> dict:
         token = tokens.pop(0)
         if not token.startswith("--") or "." not in token:
             raise ValueError(f"{token}: expected --config, --batch, --seq, ... or a --section.key override")
-        key, _, value = token[2:].partition("=")
-        if not _:
+        key, equals, value = token[2:].partition("=")
+        if not equals:
             if not tokens:
                 raise ValueError(f"--{key}: missing value")
             value = tokens.pop(0)
