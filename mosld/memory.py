@@ -144,6 +144,7 @@ class SavedBytes:
 
     layers: list[int]
     outside: int
+    held: int = 0  # inputs kept outside autograd's saved tensors (also counted in ``layers`` where not saved)
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -223,8 +224,11 @@ def saved_bytes(
         handles.append(layer.register_forward_pre_hook(lambda *_, i=i: current.__setitem__(0, i)))
         handles.append(layer.register_forward_hook(lambda *_: current.__setitem__(0, None)))
 
+    held: dict[int, int] = {}
+
     def hold(module: nn.Module, args: tuple) -> None:
         pack(args[0])
+        held[_storage_key(args[0])] = args[0].untyped_storage().nbytes()
 
     handles += [module.register_forward_pre_hook(hold) for module in held_inputs]
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
@@ -237,7 +241,7 @@ def saved_bytes(
     finally:
         for handle in handles:
             handle.remove()
-    return SavedBytes(per_layer, counts["outside"])
+    return SavedBytes(per_layer, counts["outside"], sum(held.values()))
 
 
 def plan(
@@ -263,7 +267,8 @@ def plan(
     hidden = batch * seq * config.hidden_size * dtype_bytes
     if checkpointing:
         # Each layer's checkpoint keeps its input hidden state; backward recomputes one layer at a time.
-        activations = saved.outside + len(layers) * hidden + max(layers)
+        # Inputs held outside autograd's saved tensors escape checkpointing: all of them stay.
+        activations = saved.outside + len(layers) * hidden + max(layers) + saved.held
         notes.append("checkpointing: layer inputs kept, one layer's activations recomputed at a time")
     else:
         activations = saved.outside + sum(layers)
