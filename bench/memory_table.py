@@ -1,7 +1,7 @@
 """Peak memory of one training step of the embedded SmolLM2-135M: base precision x method x checkpointing.
 
 Every configuration runs in a fresh subprocess, so that each one's baseline is clean: the resident
-set is read after the imports and before the model is built. The process then loads the base
+set is read after the imports (bitsandbytes' too, for a quantized base) and before the model is built. The process then loads the base
 (``load_base_model``, quantized where asked), injects the default config's adapter (q_proj/v_proj,
 r 8, alpha 16; ``lora`` one expert, ``mosld`` 8/6/4/2), builds AdamW over the trainable tensors,
 runs one warm-up step, resets the high-water mark and measures one more step. The step is the
@@ -89,6 +89,10 @@ def measure(base: str, method: str, checkpointing: bool, batch: int, seq: int, a
     from mosld.models import load_base_model
     from mosld.training.module import answer_logits_loss
 
+    dtype, quantization = BASES[base]
+    if quantization is not None:
+        # an import like torch's (~45 MiB of resident libraries): part of the baseline, not of the model
+        import bitsandbytes  # noqa: F401
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cpu = CpuMemory()
     if device.type == "cuda":
@@ -97,7 +101,6 @@ def measure(base: str, method: str, checkpointing: bool, batch: int, seq: int, a
     else:
         exact_rss_allocator()
         baseline = cpu.start()
-    dtype, quantization = BASES[base]
     model = load_base_model(MODEL, dtype=dtype, quantization=quantization)
     if device.type == "cpu":
         own_weights(model)
