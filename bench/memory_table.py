@@ -1,8 +1,8 @@
 """Peak memory of one training step of the embedded SmolLM2-135M: base precision x method x checkpointing.
 
 Every configuration runs in a fresh subprocess, so that each one's baseline is clean: the resident
-set is read after the imports (bitsandbytes' too, for a quantized base) and before the model is built. The process then loads the base
-(``load_base_model``, quantized where asked), injects the default config's adapter (q_proj/v_proj,
+set is read after the imports (bitsandbytes' too, for a quantized base) and before the model is
+built. The process then loads the base (``load_base_model``, quantized where asked), injects the default config's adapter (q_proj/v_proj,
 r 8, alpha 16; ``lora`` one expert, ``mosld`` 8/6/4/2), builds AdamW over the trainable tensors,
 runs one warm-up step, resets the high-water mark and measures one more step. The step is the
 default run's shape: a batch of 8 x 256 random token ids (seeded), no padding, loss on the last
