@@ -11,7 +11,16 @@ from transformers import AutoModelForCausalLM
 
 import mosld
 from bench.memory import SavedTensors
-from mosld.memory import KNOWN_ARCHITECTURES, main, meta_base, plan, quantized_linear_bytes, saved_bytes, weight_bytes
+from mosld.memory import (
+    KNOWN_ARCHITECTURES,
+    _quantized_linears,
+    main,
+    meta_base,
+    plan,
+    quantized_linear_bytes,
+    saved_bytes,
+    weight_bytes,
+)
 from mosld.models import load_base_model
 from mosld.quantization import QuantizationConfig
 
@@ -150,3 +159,11 @@ def test_int8_counts_the_inputs_bitsandbytes_keeps(model_dir):
     int8 = plan(model, QuantizationConfig(bits=8), 2, 16, 2, checkpointing=False)
     nf4 = plan(model, QuantizationConfig(bits=4), 2, 16, 2, checkpointing=False)
     assert int8.activations > fp32.activations == nf4.activations
+    # held outside autograd's saved tensors, those inputs escape checkpointing too
+    held = saved_bytes(model, 2, 16, 2, held_inputs=_quantized_linears(model)).held
+    assert held > 0
+    fp32_ckpt = plan(model, QuantizationConfig(), 2, 16, 2, checkpointing=True)
+    assert (
+        plan(model, QuantizationConfig(bits=8), 2, 16, 2, checkpointing=True).activations
+        >= fp32_ckpt.activations + held
+    )
