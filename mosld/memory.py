@@ -35,6 +35,7 @@ import yaml
 from torch import nn
 
 from .adapters import AdapterConfig, inject_adapters
+from .adapters.inject import num_decoder_layers
 from .models import DTYPES, is_embedded, meta_model
 from .quantization import QuantizationConfig
 
@@ -131,7 +132,7 @@ def weight_bytes(model: nn.Module, quantization: QuantizationConfig) -> int:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers (the ModuleList with one entry per hidden layer)."""
-    count = model.config.num_hidden_layers
+    count = num_decoder_layers(model)
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .quantization import QuantizationConfig, bitsandbytes_config, keep_quantized_base_differentiable
+from .quantization import QuantizationConfig, bitsandbytes_config, dtype_error, keep_quantized_base_differentiable
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
@@ -123,8 +123,9 @@ def load_base_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     quantization = QuantizationConfig.from_value(quantization)
-    if quantization.enabled and dtype == "float64":
-        raise ValueError("dtype: a quantized base computes in float32, bfloat16 or float16, not float64")
+    error = dtype_error(quantization, dtype)
+    if error:
+        raise ValueError(f"dtype: {error}")
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path),
         dtype=DTYPES[dtype],

@@ -70,6 +70,13 @@ class QuantizationConfig:
         return cls(**dict(value))
 
 
+def dtype_error(config: QuantizationConfig, dtype: str) -> str | None:
+    """Why the base's ``dtype`` cannot go with this quantization, or None."""
+    if config.enabled and dtype == "float64":
+        return "a quantized base computes in float32, bfloat16 or float16, not float64"
+    return None
+
+
 def bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 

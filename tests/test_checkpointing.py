@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import adapted
+from helpers import adapted, tiny_run_args
 
 import mosld
 from mosld.adapters.checkpointing import enable_gradient_checkpointing, is_recomputing
+from mosld.training.cli import main
 
 
 def train_step(checkpointing: bool, method: str) -> tuple[torch.Tensor, dict, dict, torch.Tensor]:
@@ -64,13 +68,6 @@ def test_a_model_without_checkpointing_support_is_refused():
 
 @pytest.mark.slow
 def test_cli_fit_with_checkpointing_trains_exactly_as_without(tiny_model_dir, tmp_path):
-    import json
-    from pathlib import Path
-
-    from helpers import tiny_run_args
-
-    from mosld.training.cli import main
-
     losses = []
     for flag in ("false", "true"):
         root = tmp_path / flag

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,30 +156,35 @@ def test_protocol_errors_name_the_file_and_field(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the sweep, end to end
-@pytest.mark.slow
-def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsys):
-    protocol = {
-        "name": "tiny",
-        "config": [str(REPO / "configs" / "mosld.yaml")],
-        "args": {
-            "model.model_name_or_path": tiny_model_dir,
-            "data.tasks": [EXAMPLE_TASK],
-            "data.num_samples_per_epoch": 16,
-            "data.batch_size": 4,
-            "data.max_eval_examples": 4,
-            "data.cache_dir": str(tmp_path / "cache"),
-            "trainer.max_steps": 4,
-            "trainer.precision": "32-true",
-            "trainer.limit_val_batches": 0,
-            "trainer.num_sanity_val_steps": 0,
-        },
-        "methods": ["lora", "mosld"],
-        "seeds": [0],
-        "test": {"data.max_eval_examples": 10},
-        "commit_adapters": [0],
+def write_tiny_protocol(tmp_path: Path, model_dir: str, args: dict, **fields) -> Path:
+    """A protocol file for a few-second sweep of the tiny model on the example task (``args`` add to or replace
+    the common options; ``fields``: methods, seeds, test, ...)."""
+    common = {
+        "model.model_name_or_path": model_dir,
+        "data.tasks": [EXAMPLE_TASK],
+        "data.batch_size": 4,
+        "data.cache_dir": str(tmp_path / "cache"),
+        "trainer.precision": "32-true",
+        "trainer.limit_val_batches": 0,
+        "trainer.num_sanity_val_steps": 0,
     }
+    protocol = {"name": "tiny", "config": [str(REPO / "configs" / "mosld.yaml")], "args": common | args,
+                "commit_adapters": [0], **fields}  # fmt: skip
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(protocol))
+    return path
+
+
+@pytest.mark.slow
+def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsys):
+    path = write_tiny_protocol(
+        tmp_path,
+        tiny_model_dir,
+        {"data.num_samples_per_epoch": 16, "data.max_eval_examples": 4, "trainer.max_steps": 4},
+        methods=["lora", "mosld"],
+        seeds=[0],
+        test={"data.max_eval_examples": 10},
+    )
     results, work = tmp_path / "results", tmp_path / "work"
     args = ["--results-dir", str(results)]
     assert experiments_main(["sweep", str(path), *args, "--work-dir", str(work)]) == 0
@@ -240,27 +246,14 @@ def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_d
     quiz.mkdir()
     for split in ("train", "validation", "test"):
         (quiz / f"{split}.jsonl").write_text((REPO / "data" / "example_task" / f"{split}.jsonl").read_text())
-    protocol = {
-        "name": "tiny",
-        "config": [str(REPO / "configs" / "mosld.yaml")],
-        "args": {
-            "model.model_name_or_path": tiny_model_dir,
-            "data.tasks": [EXAMPLE_TASK],
-            "data.num_samples_per_epoch": 8,
-            "data.batch_size": 4,
-            "data.cache_dir": str(tmp_path / "cache"),
-            "trainer.max_steps": 2,
-            "trainer.precision": "32-true",
-            "trainer.limit_val_batches": 0,
-            "trainer.num_sanity_val_steps": 0,
-        },  # fmt: skip
-        "methods": ["mosld"],
-        "seeds": [0, 1],
-        "test": {"data.tasks": [EXAMPLE_TASK, str(quiz)], "data.eval_examples_by_task": {"quiz": 8}},
-        "commit_adapters": [0],
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(protocol))
+    path = write_tiny_protocol(
+        tmp_path,
+        tiny_model_dir,
+        {"data.num_samples_per_epoch": 8, "trainer.max_steps": 2},
+        methods=["mosld"],
+        seeds=[0, 1],
+        test={"data.tasks": [EXAMPLE_TASK, str(quiz)], "data.eval_examples_by_task": {"quiz": 8}},
+    )
     results, work = tmp_path / "results", tmp_path / "work"
     args = ["--results-dir", str(results), "--work-dir", str(work)]
     assert experiments_main(["sweep", str(path), *args]) == 0

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .layer import MoSLDLinear, RouterStats, _base_shape, is_adapter_parameter
+from .layer import MoSLDLinear, RouterStats, base_shape, is_adapter_parameter
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -83,7 +83,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         p.requires_grad_(False)
     for name, base in targets.items():
         try:
-            _base_shape(base)
+            base_shape(base)
         except TypeError as err:
             raise ValueError(f"target_modules: {name} {err}") from None
         parent_name, _, child = name.rpartition(".")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .inject import adapter_layers, adapter_parameter_names, adapter_state_dict, inject_adapters, num_decoder_layers
-from .layer import _base_shape
+from .layer import base_shape
 
 FORMAT = "mosld-adapter"
 # 2: adapter_config.json records weights_sha256
@@ -202,7 +202,7 @@ def _base_differences(meta: dict, base_model: nn.Module) -> list[str]:
             differences.append(f"module {name}: missing in the base model")
             continue
         try:  # from the layer's own fields: a quantized weight is packed into another shape
-            d_in, d_out = _base_shape(getattr(module, "base_layer", module))
+            d_in, d_out = base_shape(getattr(module, "base_layer", module))
         except TypeError:
             d_in, d_out = None, None
         if (d_in, d_out) != (shape["in_features"], shape["out_features"]):

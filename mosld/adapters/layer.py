@@ -91,7 +91,7 @@ class MoSLDLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = _base_shape(base_layer)
+        self.in_features, self.out_features = base_shape(base_layer)
         self.r, self.num_experts = r, num_experts
         self.top_k = min(top_k, num_experts)
         self.scaling = alpha / r
@@ -280,7 +280,7 @@ def _base_weight(layer: nn.Module) -> Tensor:
     return layer.weight
 
 
-def _base_shape(layer: nn.Module) -> tuple[int, int]:
+def base_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features

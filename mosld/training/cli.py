@@ -14,7 +14,7 @@ from ..adapters import AdapterConfig
 from ..adapters.inject import check_targets
 from ..data import KNOWN_TASKS, MultiTaskDataModule, TaskDataError
 from ..models import meta_model
-from ..quantization import INSTALL_HINT, QuantizationConfig, bitsandbytes_available
+from ..quantization import INSTALL_HINT, QuantizationConfig, bitsandbytes_available, dtype_error
 from .module import MoSLDModule
 from .precision import AutoPrecisionTrainer
 from .resume import checkpoint_batch_size, compare_with_checkpoint
@@ -87,9 +87,8 @@ def quantization_errors(config) -> list[str]:
             "weights and FSDP's flat parameters do not mix); use DDP (configs/presets/ddp.yaml), which keeps one "
             "quantized copy per GPU, or drop model.quantization"
         )
-    if config.get("model.dtype") == "float64":
-        errors.append("model.dtype: a quantized base computes in float32, bfloat16 or float16, not float64")
-    return errors
+    dtype = dtype_error(quantization, config.get("model.dtype"))
+    return errors + ([f"model.dtype: {dtype}"] if dtype else [])
 
 
 class MoSLDCLI(LightningCLI):

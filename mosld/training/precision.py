@@ -13,6 +13,7 @@ turns an 11-minute run into hours. The rule:
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ def bf16_matmul_ratio() -> float:
         torch.set_num_threads(threads)
 
 
+@functools.cache  # the hardware does not change within a process: the trainer and the run record share one probe
 def cpu_bf16_support() -> tuple[bool, str]:
     """Whether this CPU computes bf16 natively, and what that was decided from.
 
@@ -79,7 +81,7 @@ def cpu_bf16_support() -> tuple[bool, str]:
 
 def choose_precision(accelerator: str | None = None) -> PrecisionChoice:
     """The precision ``auto`` stands for on this machine's ``accelerator`` (``auto``/None: CUDA if present)."""
-    accelerator = (accelerator or "auto").lower() if isinstance(accelerator, str) or accelerator is None else "other"
+    accelerator = (accelerator or "auto").lower()
     use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
     if use_cuda:
         if torch.cuda.is_bf16_supported():
