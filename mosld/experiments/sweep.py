@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from ..data.tasks import is_eval_only, task_name
-from .metrics import MC_SCORINGS, record_average
+from .metrics import record_average
 from .protocol import Protocol, Run
 from .topup import adapter_checkpoint, merge_into_record, read_test_dir, write_json
 
@@ -40,7 +40,6 @@ RECORD_CALLBACKS = (
     "mosld.training.AdapterExport",
 )
 ZERO_SHOT = "zero_shot"
-SCORINGS = MC_SCORINGS  # a multiple-choice record's averages (mosld.experiments.metrics)
 METHOD_FIELDS = ("num_experts", "top_k", "share", "shared_dropout")
 
 
