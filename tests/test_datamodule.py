@@ -250,9 +250,13 @@ def test_a_mixture_trains_multiple_choice_and_generation_items_together(tmp_path
     targets = {0: {c for e in load_task(EXAMPLE_TASK, "train") for c in e.choices}, 1: {"far", "very far indeed"}}
     seen = set()
     for batch in loader:
-        for row, label_row, task_id in zip(batch["input_ids"], batch["labels"], batch["task_ids"].tolist(), strict=True):
+        for row, label_row, task_id in zip(
+            batch["input_ids"], batch["labels"], batch["task_ids"].tolist(), strict=True
+        ):
             answer = tokenizer.decode(row[label_row != -100])
-            assert answer.endswith(tokenizer.eos_token) and answer[: -len(tokenizer.eos_token)].strip() in targets[task_id]
+            assert (
+                answer.endswith(tokenizer.eos_token) and answer[: -len(tokenizer.eos_token)].strip() in targets[task_id]
+            )
             seen.add(task_id)
     assert seen == {0, 1}
     # the temperature sampler, its length grouping and DDP sharding see one dataset of both kinds

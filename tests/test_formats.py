@@ -96,10 +96,15 @@ def test_chat_rows_use_the_tokenizers_chat_template(tmp_path, tokenizer):
     assert tokenizer.decode(item.target) == "101"
     # the target ends in the tokenizer's EOS, which closes an assistant turn (SmolLM2: <|im_end|>)
     ids, labels = item.train_sequence(tokenizer.eos_token_id)
-    assert tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != -100]) == "101" + tokenizer.eos_token
+    assert (
+        tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != -100]) == "101" + tokenizer.eos_token
+    )
     # the plain template on request: history turns as "User:"/"Assistant:" lines
     plain = make_dm(tmp_path, [task], templates={"talk": "plain"}).encoded(0, "test")[0]
-    assert tokenizer.decode(plain.prompt) == "System: Be brief.\nUser: Hi 100\nAssistant: Hello.\nWhat is 100 + 1?\nAnswer:"
+    assert (
+        tokenizer.decode(plain.prompt)
+        == "System: Be brief.\nUser: Hi 100\nAssistant: Hello.\nWhat is 100 + 1?\nAnswer:"
+    )
 
 
 def test_chat_template_fallback_and_refusal_without_one(tmp_path, tokenizer):
@@ -131,7 +136,9 @@ def test_a_context_is_cut_from_its_start_and_targets_never(tokenizer):
                 kept = text[text.index("Sentence") :]
                 assert kept.startswith("Sentence ") and " of the story." in kept.split("\n")[0]
     too_long = GenerationExample("t", story, "Why? " * 40, "because", ["because"])
-    with pytest.raises(TaskDataError, match=r"data.max_length = 30 is too small for task 't': 1 of 2 items .* at least"):
+    with pytest.raises(
+        TaskDataError, match=r"data.max_length = 30 is too small for task 't': 1 of 2 items .* at least"
+    ):
         encode_generation_examples([example, too_long], tokenizer, GenerationSpec(), 30)
 
 

@@ -1,9 +1,9 @@
 import json
 import logging
-from collections import Counter
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -272,7 +272,7 @@ needs_gsm8k = pytest.mark.skipif(not (DATA_DIR / "openai__gsm8k").is_dir(), reas
 
 @needs_babi
 def test_babi_tasks_are_generation_tasks_with_a_held_out_validation_split():
-    from mosld.data import GenerationExample, GenerationSpec, TASKS
+    from mosld.data import TASKS, GenerationExample, GenerationSpec
 
     for n in range(1, 21):
         name = f"babi_qa{n}"

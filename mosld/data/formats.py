@@ -147,7 +147,7 @@ def parse_chat(row: Row, need_target: bool = True) -> GenParsed:
 
 
 def _parse_user_mc(row: Row, need_target: bool = True):
-    if need_target or "label" in row.data:
+    if need_target or row.data.get("label") is not None:
         return _parse_user(row)
     return _parse_user(Row(row.source, row.line, {**row.data, "label": 0}))[:3] + (-1,)
 

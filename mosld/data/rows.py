@@ -94,9 +94,12 @@ def _field(row: Row, key: str, kind: type) -> Any:
     return _check_text(row, key, value) if kind is str else value
 
 
-def nonempty_text(row: Row, key: str, value: Any = None) -> str:
+_FIELD = object()
+
+
+def nonempty_text(row: Row, key: str, value: Any = _FIELD) -> str:
     """Field ``key`` of ``row`` (or ``value``, a part of it named ``key``): a string that is not only whitespace."""
-    value = row.data[key] if value is None else value
+    value = row.data[key] if value is _FIELD else value
     if not isinstance(value, str):
         raise TaskDataError(
             f"{row.where()}: field {key!r} should be a string, got {type(value).__name__} {value!r:.80}"
