@@ -277,3 +277,15 @@ def test_babi_falls_back_to_the_hub_through_the_converter(tmp_path, monkeypatch)
     assert len(test) == 20 and test[1].context == "\n".join(hub_story()["story"]["text"][i] for i in (0, 1, 3, 4))
     assert (test[1].prompt, test[1].target, test[1].references) == ("Where is Daniel?", "hallway", ["hallway"])
     assert len(load_task("babi_qa1", "validation", tmp_path)) == 2  # 10% of train
+
+
+def test_the_example_generation_tasks_mix_with_the_multiple_choice_one(tmp_path, tokenizer):
+    from helpers import REPO
+
+    tasks = [EXAMPLE_TASK, str(REPO / "data" / "example_instructions"), str(REPO / "data" / "example_chat")]
+    dm = make_dm(tmp_path, tasks, batch_size=4, num_samples_per_epoch=24)
+    assert dm.kinds == ["multiple_choice", "generation", "generation"]
+    assert dm.templates[1:] == ["plain", "chat" if tokenizer.chat_template else "plain"]
+    assert sorted({t for b in dm.train_dataloader() for t in b["task_ids"].tolist()}) == [0, 1, 2]
+    loaders = dm.val_dataloader()
+    assert "gold" in next(iter(loaders[0])) and all("references" in next(iter(loader)) for loader in loaders[1:])
