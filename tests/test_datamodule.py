@@ -319,7 +319,8 @@ def test_babi_stories_are_cut_from_their_start_to_fit(tmp_path, tokenizer):
     for item in items:
         text = tokenizer.decode(item.prompt)
         story, _, question = text.rpartition("\n")[0].rpartition("\n")
-        assert text.endswith("?\nAnswer:") and question.endswith("?")
+        assert question.startswith("Q: ") and text.endswith("?\nA:") and question.endswith("?")
+        question = question.removeprefix("Q: ")
         # whole sentences: what is kept is a suffix of the story at a line break
         full = next(e for e in examples.values() if e.prompt == question and ("\n" + e.context).endswith("\n" + story))
         cut += story != full.context

@@ -1,15 +1,13 @@
 """The training side of generation tasks and of the router scalars, on fakes: the module's per-task sums,
 metrics and rows, the item records, the printed summary, and which router scalars TensorBoard gets.
 
-Decoding and scoring themselves (``mosld.evaluation.generation``) are replaced by a stand-in here; the
-end-to-end runs through them are elsewhere."""
+Decoding and scoring themselves (``mosld.evaluation.generation``, tested in test_generation.py) are replaced by a
+stand-in here; the end-to-end runs through them are in test_instruct.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -126,9 +124,9 @@ class Spec:
 
 @pytest.fixture
 def fake_generation(monkeypatch):
-    """``mosld.evaluation.generation`` stand-in: 'generates' each reference's first word, or "?" without any;
-    exact match is 1 when the text is a reference."""
-    module = types.ModuleType("mosld.evaluation.generation")
+    """Stand-in for the decoder and scorer the module calls (``mosld.evaluation.generation``, tested on its own):
+    'generates' each reference's first word, or "?" without any; exact match is 1 when the text is a reference."""
+    module = SimpleNamespace()
     module.calls = []
 
     def generate_batch(model, batch, tokenizer):
@@ -140,7 +138,8 @@ def fake_generation(monkeypatch):
         return [float(t in refs) if metric == "exact_match" else 0.5 for t, refs in zip(texts, references, strict=True)]
 
     module.generate_batch, module.score_generations = generate_batch, score_generations
-    monkeypatch.setitem(sys.modules, "mosld.evaluation.generation", module)
+    monkeypatch.setattr("mosld.training.module.generate_batch", generate_batch)
+    monkeypatch.setattr("mosld.training.module.score_generations", score_generations)
     return module
 
 

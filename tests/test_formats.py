@@ -65,7 +65,7 @@ def test_alpaca_rows_end_to_end(tmp_path, tokenizer):
     assert dm.generation_spec(0) == GenerationSpec("rouge_l", 128, (), "plain") and dm.templates == ["plain"]
     item = dm.encoded(0, "test")[0]
     assert isinstance(item, GenerationItem) and item.references == ["blue 100"]
-    assert tokenizer.decode(item.prompt) == "Name colour 100.\n\nHint 100\nAnswer:"
+    assert tokenizer.decode(item.prompt) == "Q: Name colour 100.\n\nHint 100\nA:"
     assert tokenizer.decode(item.target) == " blue 100"
     ids, labels = item.train_sequence(tokenizer.eos_token_id)
     assert ids == item.prompt + item.target + [tokenizer.eos_token_id] and len(ids) == item.train_length() == len(item)
@@ -76,7 +76,7 @@ def test_alpaca_rows_end_to_end(tmp_path, tokenizer):
 def test_prompt_response_rows_end_to_end(tmp_path, tokenizer):
     task = task_folder(tmp_path, "echo", prompt_response)
     item = make_dm(tmp_path, [task]).encoded(0, "test")[0]
-    assert tokenizer.decode(item.prompt) == "Say 100.\nAnswer:" and tokenizer.decode(item.target) == " 100"
+    assert tokenizer.decode(item.prompt) == "Q: Say 100.\nA:" and tokenizer.decode(item.target) == " 100"
     assert item.references == ["100"]
 
 
@@ -103,7 +103,7 @@ def test_chat_rows_use_the_tokenizers_chat_template(tmp_path, tokenizer):
     plain = make_dm(tmp_path, [task], templates={"talk": "plain"}).encoded(0, "test")[0]
     assert (
         tokenizer.decode(plain.prompt)
-        == "System: Be brief.\nUser: Hi 100\nAssistant: Hello.\nWhat is 100 + 1?\nAnswer:"
+        == "System: Be brief.\nUser: Hi 100\nAssistant: Hello.\nUser: What is 100 + 1?\nAssistant:"
     )
 
 
@@ -112,7 +112,7 @@ def test_chat_template_fallback_and_refusal_without_one(tmp_path, tokenizer):
     dm = make_dm(tmp_path, [task])
     dm._tokenizer = no_chat_template(tokenizer)
     assert dm.generation_spec(0).template == "plain"  # chat rows' default falls back
-    assert tokenizer.decode(dm.encoded(0, "test")[0].prompt).endswith("What is 100 + 1?\nAnswer:")
+    assert tokenizer.decode(dm.encoded(0, "test")[0].prompt).endswith("User: What is 100 + 1?\nAssistant:")
     asked = make_dm(tmp_path, [task], templates={"talk": "chat"})
     asked._tokenizer = no_chat_template(tokenizer)
     with pytest.raises(ValueError, match="task 'talk': template 'chat' .*data.templates.* has none"):
@@ -226,7 +226,7 @@ def test_predict_file_of_generation_rows_gives_generation_batches(tmp_path, toke
     assert batches[0]["references"] == [[], ["blue 3"]] and batches[0]["generation"].max_new_tokens == 9
     assert batches[0]["task_ids"].tolist() == [1, 1]
     last = batches[1]["input_ids"][0][batches[1]["attention_mask"][0] == 1]
-    assert tokenizer.decode(last) == "Name a fruit.\n\nred\nAnswer:"
+    assert tokenizer.decode(last) == "Q: Name a fruit.\n\nred\nA:"
     # multiple-choice predict rows still come in multiple-choice batches
     mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Q?", "choices": ["a", "b"]}])
     assert "gold" in next(iter(make_dm(tmp_path, [task, EXAMPLE_TASK], predict_file=str(mc)).predict_dataloader()))

@@ -370,6 +370,13 @@ class MultiTaskDataModule(L.LightningDataModule):
             for i in range(len(self.tasks))
         ]
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # a generation batch's spec (a frozen dataclass) rides along as it is: Lightning's mover would rebuild it
+        if isinstance(batch, dict) and "generation" in batch:
+            rest = {k: v for k, v in batch.items() if k != "generation"}
+            return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "generation": batch["generation"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_dataloaders("validation")
 

@@ -5,8 +5,8 @@ A generation item is a prompt and a target. Training runs on prompt + target + E
 EOS only, as a multiple-choice item trains on its gold answer; evaluation feeds the prompt alone (left-padded)
 and scores what the model generates against the references. Two prompt templates:
 
-- ``plain``: ``[User: ... / Assistant: ... lines of the history]`` + ``[context + "\\n"]`` + prompt +
-  ``"\\nAnswer:"``, the target after a space;
+- ``plain``: ``[context + "\\n"]`` + ``"Q: "`` + prompt + ``"\\nA:"``, the target after a space; a conversation
+  (chat rows with history) is ``System: / User: / Assistant:`` lines ending in ``"User: " + prompt + "\\nAssistant:"``;
 - ``chat``: the tokenizer's chat template over the history and a user turn ``[context + "\\n\\n"]`` + prompt,
   with the generation prompt; the target is the assistant's reply text, then the tokenizer's EOS (SmolLM2's
   ``<|im_end|>``, which closes a turn).
@@ -117,7 +117,10 @@ def render(example: GenerationExample, template: str, tokenizer: PreTrainedToken
     context = example.context or ""
     if template == "plain":
         head = "".join(f"{_ROLE_NAMES[role]}: {content}\n" for role, content in example.history)
-        return head, context, ("\n" if context else "") + example.prompt + "\nAnswer:", " " + example.target
+        # "Q:/A:" as the multiple-choice cloze prompts: after "Answer:" the embedded SmolLM2-Instruct ends its turn at
+        # once on every bAbI item tried, after "A:" it answers; a conversation goes on in its own role names
+        turn = "User: {}\nAssistant:" if example.history else "Q: {}\nA:"
+        return head, context, ("\n" if context else "") + turn.format(example.prompt), " " + example.target
 
     def chat(user: str) -> str:
         messages = [{"role": r, "content": c} for r, c in example.history] + [{"role": "user", "content": user}]

@@ -19,6 +19,7 @@ from ..adapters.checkpointing import enable_gradient_checkpointing
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
 from ..evaluation import answer_logits, score_batch, supports_prompt_sharing
+from ..evaluation.generation import generate_batch, score_generations
 from ..models import load_base_model
 from ..quantization import QuantizationConfig
 from .eval_sums import add_generation, add_multiple_choice, eval_metrics, headline_key, new_sums
@@ -212,13 +213,9 @@ class MoSLDModule(L.LightningModule):
 
     def generate(self, batch: dict) -> list[str]:
         """Greedy continuations of a generation batch's prompts (``mosld.evaluation.generation``)."""
-        from ..evaluation.generation import generate_batch
-
         return generate_batch(self.model, batch, self.trainer.datamodule.tokenizer)
 
     def _score_generation(self, batch: dict) -> tuple[list[str], Tensor]:
-        from ..evaluation.generation import score_generations
-
         texts = self.generate(batch)
         scores = score_generations(texts, batch["references"], batch["generation"].metric)
         return texts, torch.tensor(scores, dtype=torch.float64, device=self.device)
