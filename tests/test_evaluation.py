@@ -1,21 +1,18 @@
-import dataclasses
-import sys
-import types
+import json
 
 import pytest
 import torch
 from helpers import EMBEDDED, EXAMPLE_TASK, SHARED_DATA, TEST_TOKENIZER
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import mosld.data
 from mosld.data import MultiTaskDataModule, encode_examples, load_task
 from mosld.data.datamodule import eval_loader
+from mosld.data.generation import GenerationSpec, encode_generation_examples
 from mosld.data.tasks import Example, TaskDataError
 from mosld.evaluation import (
     evaluate,
     extract_choice,
     generate_batch,
-    multiple_choice,
     score_batch,
     supports_prompt_sharing,
 )
@@ -146,56 +143,33 @@ def test_generation_mode_extracts_an_answer(tiny_model, tokenizer):
     assert result["metrics"]["example_task"]["num_items"] == 12
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeSpec:  # the fields of mosld.data.generation.GenerationSpec that evaluation reads
-    metric: str = "exact_match"
-    max_new_tokens: int = 32
-    stop: tuple[str, ...] = ("\n",)
-    template: str = "plain"
+def write_rows(folder, rows) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def install_generation_floor(monkeypatch, tmp_path):
-    """A stand-in for the data side's ``mosld.data.generation`` and a task folder whose examples carry references."""
-    fake = types.ModuleType("mosld.data.generation")
-    fake.GenerationSpec = FakeSpec
-
-    def encode_generation_examples(examples, tokenizer, spec, max_length):
-        prompts = [tokenizer(e.prompt)["input_ids"][-max_length:] for e in examples]
-        return [
-            types.SimpleNamespace(prompt=p, references=e.references) for p, e in zip(prompts, examples, strict=True)
-        ]
-
-    fake.encode_generation_examples = encode_generation_examples
-    monkeypatch.setitem(sys.modules, "mosld.data.generation", fake)
-    monkeypatch.setattr(mosld.data, "generation", fake, raising=False)
+def test_evaluate_decodes_generation_tasks_beside_multiple_choice(tiny_model, tokenizer, tmp_path):
     folder = tmp_path / "qa"
-    folder.mkdir()
-    (folder / "test.jsonl").write_text("{}\n")
-    examples = [types.SimpleNamespace(task="qa", prompt=f"Question {i}: where is it?", references=[f"r{i}"])
-                for i in range(5)]  # fmt: skip
-    load_task = multiple_choice.load_task
-    monkeypatch.setattr(
-        multiple_choice, "load_task", lambda task, *a: list(examples) if task == str(folder) else load_task(task, *a)
-    )
-    return str(folder), examples
-
-
-def test_evaluate_decodes_generation_tasks_beside_multiple_choice(tiny_model, tokenizer, tmp_path, monkeypatch):
-    folder, examples = install_generation_floor(monkeypatch, tmp_path)
-    prompts = [tokenizer(e.prompt)["input_ids"] for e in examples]
-    spec = FakeSpec(max_new_tokens=3)
-    texts = generate_batch(tiny_model, {**left_pad(prompts, tokenizer.pad_token_id), "generation": spec}, tokenizer)
-    examples[1].references = [texts[1], "other"]  # one item answered right, whatever the random model says
-    result = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK, folder], limit=5, batch_size=2,
-                      generation={"qa": {"max_new_tokens": 3}})  # fmt: skip
+    rows = [{"prompt": f"Question {i}: where is it?", "response": f"r{i}"} for i in range(5)]
+    write_rows(folder, rows)
+    spec = GenerationSpec(metric="exact_match", max_new_tokens=3, stop=())
+    items = encode_generation_examples(load_task(str(folder), "test"), tokenizer, spec, 512)
+    texts = generate_batch(tiny_model, {**left_pad([i.prompt for i in items], tokenizer.pad_token_id),
+                                        "generation": spec}, tokenizer)  # fmt: skip
+    answered = [i for i, t in enumerate(texts) if t.strip()][:1]
+    for i in answered:  # one item answered right, whatever the random model says (the prompt is unchanged)
+        rows[i]["response"] = texts[i]
+    write_rows(folder, rows)
+    result = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK, str(folder)], limit=5, batch_size=2,
+                      generation={"qa": {"max_new_tokens": 3, "metric": "exact_match"}})  # fmt: skip
     mc_only = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK], limit=5, batch_size=2)
     assert result["metrics"]["example_task"] | {"seconds": 0} == mc_only["metrics"]["example_task"] | {"seconds": 0}
     qa = result["metrics"]["qa"]
     assert qa["num_items"] == 5 and qa["seconds"] > 0
     assert qa["exact_match"] == pytest.approx(
-        sum(float(t in e.references) for t, e in zip(texts, examples, strict=True)) / 5
+        sum(float(t == r["response"]) for t, r in zip(texts, rows, strict=True)) / 5
     )
-    assert qa["exact_match"] >= 0.2
+    assert qa["exact_match"] == len(answered) / 5
     assert result["headlines"] == {"example_task": "accuracy_norm", "qa": "exact_match"}
     assert result["accuracy"] == {"example_task": mc_only["accuracy"]["example_task"], "qa": qa["exact_match"]}
     assert result["macro_accuracy"] == pytest.approx(sum(result["accuracy"].values()) / 2)

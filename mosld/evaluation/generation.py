@@ -168,10 +168,12 @@ def evaluate_generation(
     replaced by ``overrides``), decoded with ``generate_batch`` and scored with the spec's metric.
     """
     from mosld.data import generation as data_generation  # the data floor; imported when a task needs it
+    from mosld.data.tasks import generation_defaults
 
-    # TODO(issue 18, merge): take the task's default spec from the registry (bAbI qa8 set_match, gsm8k
-    # final_number) once the data side defines where it lives; until then the spec's defaults + overrides.
-    spec = data_generation.GenerationSpec(**(overrides or {}))
+    spec = generation_defaults(task)  # the registry's (bAbI qa8: set_match, gsm8k: final_number) or a user task's
+    if spec.template == "chat" and not data_generation.has_chat_template(tokenizer):
+        spec = spec.replace({"template": "plain"})  # chat rows' default, as the data module does
+    spec = spec.replace(overrides or {}, option="generation")
     items = data_generation.encode_generation_examples(examples, tokenizer, spec, max_length)
     texts = generate_items(model, tokenizer, items, spec, batch_size)
     scores = score_generations(texts, [item.references for item in items], spec.metric)
