@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -323,6 +324,11 @@ class EvalSummary(L.Callback):
         (out / "eval_metrics.json").write_text(json.dumps(json_safe(self.history), indent=2, allow_nan=False) + "\n")
 
 
+def natural_key(name: str) -> list:
+    """Sort key putting numbered names in numeric order (babi_qa2 before babi_qa10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def eval_summary_text(metrics: dict[str, float], stage: str, when: str) -> str:
     """The printed summary of one evaluation: the headline average(s), then each task's headline metric
     (multiple choice: accuracy; generation: its metric) with its interval and item count."""
@@ -332,7 +338,7 @@ def eval_summary_text(metrics: dict[str, float], stage: str, when: str) -> str:
     if f"{stage}/answer_loss" in metrics:
         head.append(f"answer_loss {metrics[f'{stage}/answer_loss']:.4f}")
     lines = [f"{stage} ({when}): " + ", ".join(head)]
-    for t in sorted({k.split("/")[1] for k in metrics if k.count("/") == 2}):
+    for t in sorted({k.split("/")[1] for k in metrics if k.count("/") == 2}, key=natural_key):
         task = {k.split("/")[2]: v for k, v in metrics.items() if k.count("/") == 2 and k.split("/")[1] == t}
         name = "acc" if "acc" in task else next(k for k in task if k != "items" and not k.endswith("_ci95"))
         line = f"  {t:>16}: {name} {task[name]:.3f} ± {task[f'{name}_ci95']:.3f} (n={int(task['items'])})"
