@@ -229,6 +229,36 @@ def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsy
         assert (tmp_path / "docs" / "results_tiny" / figure).stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_a_sweep_of_a_generation_and_multiple_choice_mixture_records_scores_and_aggregates(tiny_model_dir, tmp_path):
+    instructions = str(REPO / "data" / "example_instructions")
+    path = write_tiny_protocol(
+        tmp_path,
+        tiny_model_dir,
+        {"data.tasks": [EXAMPLE_TASK, instructions], "data.num_samples_per_epoch": 8, "trainer.max_steps": 2,
+         "data.max_length": 256, "data.generation": {"example_instructions": {"max_new_tokens": 4, "metric": "token_f1"}}},
+        methods=["lora", "mosld"],
+        seeds=[0],
+        test={"data.max_eval_examples": 5},
+    )  # fmt: skip
+    results = tmp_path / "results"
+    args = ["--results-dir", str(results)]
+    assert experiments_main(["sweep", str(path), *args, "--work-dir", str(tmp_path / "work")]) == 0
+    for run in ("lora-mixture-seed0", "mosld-mixture-seed0", "zero_shot"):
+        metrics = json.loads((results / run / "metrics.json").read_text())
+        task = metrics["tasks"]["example_instructions"]
+        assert task["items"] == 5 and 0 <= task["token_f1"] <= 1 and "acc" not in task
+        rows = [json.loads(x) for x in (results / run / "predictions.jsonl").read_text().splitlines()]
+        generated = [r for r in rows if r["task"] == "example_instructions"]
+        assert len(generated) == 5 and all(isinstance(r["generated"], str) and r["references"] for r in generated)
+        assert task["token_f1"] == pytest.approx(sum(r["score"] for r in generated) / 5)
+    out = tmp_path / "docs" / "results.md"
+    assert experiments_main(["aggregate", str(path), *args, "--out", str(out)]) == 0
+    page = out.read_text()
+    assert experiments_main(["aggregate", str(path), *args, "--out", str(out)]) == 0
+    assert out.read_text() == page and "token_f1" in page and "| MoSLD − LoRA | mixture | 1 |" in page
+
+
 def _strip_task(record, task: str) -> None:
     """Make ``record`` look as if its run had never been tested on ``task`` (an older protocol's record)."""
     metrics = json.loads((record / "metrics.json").read_text())
