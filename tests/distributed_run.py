@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=4)
     parser.add_argument("--ckpt_path", default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--generation", default=None, help="JSON: data.generation (task -> spec fields)")
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -41,6 +42,7 @@ def main() -> None:
     data = MultiTaskDataModule(
         tasks=args.tasks, model_name_or_path=args.model, batch_size=4, eval_batch_size=3,
         num_samples_per_epoch=64, max_length=128, cache_dir=str(out / "cache"), seed=1,
+        generation=json.loads(args.generation) if args.generation else None,
     )  # fmt: skip
     model = MoSLDModule(
         model_name_or_path=args.model,

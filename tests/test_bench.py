@@ -58,3 +58,17 @@ def test_layer_bench_times_every_variant_and_counts_operators(tmp_path):
     # the loop issues ops per expert; the fused layer a fixed handful per projection
     assert rows["loop_mosld"]["ops"] > 2 * rows["mosld"]["ops"] > 2 * rows["lora"]["ops"]
     assert "loop / mosld" in stdout
+
+
+@pytest.mark.slow
+def test_generation_throughput_bench_reports_bare_and_routed(tiny_model_dir, tmp_path):
+    out = tmp_path / "gen"
+    stdout = run_script(
+        "-m", "bench.generation_throughput", "--model", tiny_model_dir, "--quick", "--no-profile", "--out", str(out)
+    )
+    summary = json.loads(out.with_suffix(".json").read_text())["threads"]["1"]["summary"]
+    assert set(summary) >= {"bare", "mosld"}
+    for variant in ("bare", "mosld"):  # the same prompts and tokens decoded: positive, consistent timings
+        figures = summary[variant]
+        assert figures["decode_tokens_per_s"] > 0 and figures["total_s"] >= figures["decode_s"] > 0
+    assert "ratio" in out.with_suffix(".md").read_text() and "mosld" in stdout

@@ -45,3 +45,30 @@ def test_missing_or_broken_prediction_files_are_named(tmp_path, capsys):
     (broken / "val_predictions.jsonl").write_text('{"task": "t1", "item": "t1-0", "correct": true}\n{"oops"\n')
     assert main(["compare", str(a), str(broken)]) == 2
     assert "broken/val_predictions.jsonl:2: not a prediction row" in capsys.readouterr().err
+
+
+def write_generation_run(folder: Path, scores: dict[str, list[float]]) -> Path:
+    """A run's val_predictions.jsonl of generation rows (ItemPredictionWriter's: correct = score)."""
+    folder.mkdir(parents=True)
+    rows = [{"task": task, "item": f"{task}-{i}", "generated": "g", "references": ["r"], "score": s, "correct": s}
+            for task, values in scores.items() for i, s in enumerate(values)]  # fmt: skip
+    (folder / "val_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_generation_scores_fractional_ones_without_mcnemar(tmp_path, capsys):
+    a = write_generation_run(tmp_path / "a", {"em": [1, 1, 0, 1], "f1": [0.5, 1.0, 0.25, 0.75]})
+    b = write_generation_run(tmp_path / "b", {"em": [0, 1, 0, 1], "f1": [0.5, 0.5, 0.25, 0.25]})
+    result = compare_runs(a, b)
+    em, f1, avg = (result["tasks"][k] for k in ("em", "f1", "average"))
+    assert (em["acc_a"], em["acc_b"], em["a_only_right"], em["b_only_right"]) == (75.0, 50.0, 1, 0)
+    assert em["mcnemar_p"] == 1.0  # 0/1 exact-match scores: McNemar applies
+    assert (f1["acc_a"], f1["acc_b"], f1["diff"]) == (62.5, 37.5, 25.0)
+    assert f1["mcnemar_p"] is None and avg["mcnemar_p"] is None  # fractions: the bootstrap only
+    assert f1["low"] >= 0 and avg["diff"] == pytest.approx(25.0)
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "| f1 | 4 | 62.5 | 37.5 | +25.0 [" in out and out.count("| – | – | – |") == 2
+    assert "f1, average: scores are fractions (generation metric), not 0/1: the paired bootstrap only" in out
+    with pytest.raises(ValueError, match="generation task: use scoring correct"):
+        compare_runs(a, b, scoring="correct_norm")

@@ -225,3 +225,105 @@ def test_per_task_eval_caps_and_mmlu_items_are_never_cut(tmp_path):
     assert all(c == [c[0]] for item in dm.encoded(1, "test") for c in item.choices)  # " A": one token
     with pytest.raises(ValueError, match="eval_examples_by_task: expected task name -> an integer >= 1"):
         make_dm(tmp_path, ["boolq"], eval_examples_by_task={"boolq": 0})
+
+
+@pytest.fixture
+def qa_task(tmp_path) -> str:
+    """A user generation task (prompt/response rows) with passages of varied length."""
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    for split, n in (("train", 30), ("test", 11)):
+        rows = [{"prompt": "Story: " + "The fox ran. " * (1 + i % 7) + f"How far did fox {i} run?",
+                 "response": "far" if i % 2 else "very far indeed"} for i in range(n)]  # fmt: skip
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+def test_a_mixture_trains_multiple_choice_and_generation_items_together(tmp_path, tokenizer, qa_task):
+    from mosld.data.datamodule import TrainDataset
+
+    dm = make_dm(tmp_path, [EXAMPLE_TASK, qa_task], batch_size=4, max_length=128, seed=2)
+    dataset = dm.train_dataset()
+    assert isinstance(dataset, TrainDataset) and dataset.sizes == [12, 27]
+    assert dataset.lengths == [len(dataset[i][0]) for i in range(len(dataset))]  # train_length of either kind
+    loader = dm.train_dataloader()
+    targets = {0: {c for e in load_task(EXAMPLE_TASK, "train") for c in e.choices}, 1: {"far", "very far indeed"}}
+    seen = set()
+    for batch in loader:
+        for row, label_row, task_id in zip(
+            batch["input_ids"], batch["labels"], batch["task_ids"].tolist(), strict=True
+        ):
+            answer = tokenizer.decode(row[label_row != -100])
+            assert (
+                answer.endswith(tokenizer.eos_token) and answer[: -len(tokenizer.eos_token)].strip() in targets[task_id]
+            )
+            seen.add(task_id)
+    assert seen == {0, 1}
+    # the temperature sampler, its length grouping and DDP sharding see one dataset of both kinds
+    shards = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        shards.append(list(dm.train_dataloader().sampler))
+    dm.trainer = None
+    assert sorted(shards[0] + shards[1]) == sorted(dm.train_dataloader().sampler.global_indices()[:38])
+
+
+def test_generation_eval_batches_are_left_padded_prompts_with_references(tmp_path, tokenizer, qa_task):
+    dm = make_dm(tmp_path, [EXAMPLE_TASK, qa_task], eval_batch_size=4, generation={"qa": {"metric": "token_f1"}})
+    dm.setup("test")
+    mc, gen = dm.test_dataloader()
+    assert "gold" in next(iter(mc)) and "references" not in next(iter(mc))
+    items, ids = dm.encoded(1, "test"), dm.item_ids(1, "test")
+    by_id = dict(zip(ids, items, strict=True))
+    lengths, seen = [], []
+    for batch in gen:
+        assert set(batch) == {"input_ids", "attention_mask", "task_ids", "item_ids", "references", "generation"}
+        assert batch["generation"] is dm.generation_spec(1) and batch["generation"].metric == "token_f1"
+        assert batch["task_ids"].tolist() == [1] * len(batch["item_ids"])
+        ids_, mask = batch["input_ids"], batch["attention_mask"]
+        assert ids_.shape == mask.shape and (mask[:, -1] == 1).all()  # left padding: every prompt ends at the right
+        assert (ids_[mask == 0] == tokenizer.pad_token_id).all()
+        for row, m, item_id, refs in zip(ids_, mask, batch["item_ids"], batch["references"], strict=True):
+            assert m.tolist() == sorted(m.tolist())  # zeros, then ones
+            assert row[m == 1].tolist() == by_id[item_id].prompt and refs == by_id[item_id].references
+            lengths.append(int(m.sum()))
+        seen += batch["item_ids"]
+    assert sorted(seen) == sorted(ids) and lengths == sorted(lengths, reverse=True)  # longest first
+    shards = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        shards.append([i for b in dm.test_dataloader()[1] for i in b["item_ids"]])
+    dm.trainer = None
+    assert sorted(shards[0] + shards[1]) == sorted(ids) and not set(shards[0]) & set(shards[1])
+
+
+def test_generation_items_are_cached_by_template(tmp_path, qa_task, monkeypatch):
+    items = make_dm(tmp_path, [qa_task]).encoded(0, "test")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenised again despite the cache")
+
+    monkeypatch.setattr(datamodule_module, "encode_generation_examples", fail)
+    assert make_dm(tmp_path, [qa_task], generation={"qa": {"max_new_tokens": 3}}).encoded(0, "test") == items
+    with pytest.raises(AssertionError, match="tokenised again"):
+        make_dm(tmp_path, [qa_task], templates={"qa": "chat"}).encoded(0, "test")
+
+
+@pytest.mark.skipif(not (DATA_DIR / "babi").is_dir(), reason=f"bAbI not found at {DATA_DIR}")
+def test_babi_stories_are_cut_from_their_start_to_fit(tmp_path, tokenizer):
+    dm = make_dm(tmp_path, ["babi_qa3", "babi_qa1"], data_dir=str(DATA_DIR), max_length=96, max_eval_examples=50)
+    examples = {e.prompt + e.context: e for e in load_task("babi_qa3", "test", DATA_DIR)}
+    items = dm.encoded(0, "test")
+    assert len(items) == 50 and max(len(item) for item in items) <= 96
+    cut = 0
+    for item in items:
+        text = tokenizer.decode(item.prompt)
+        story, _, question = text.rpartition("\n")[0].rpartition("\n")
+        assert question.startswith("Q: ") and text.endswith("?\nA:") and question.endswith("?")
+        question = question.removeprefix("Q: ")
+        # whole sentences: what is kept is a suffix of the story at a line break
+        full = next(e for e in examples.values() if e.prompt == question and ("\n" + e.context).endswith("\n" + story))
+        cut += story != full.context
+        assert tokenizer.decode(item.target) == " " + full.target
+    assert cut > 0
+    assert dm.generation_spec(1).metric == "exact_match" and dm.generation_spec(0).max_new_tokens == 8

@@ -30,6 +30,15 @@ def write_task(folder: Path, offset: int) -> str:
     return str(folder)
 
 
+def write_generation_task(folder: Path) -> str:
+    """A small prompt/response task: repeat a number."""
+    folder.mkdir(parents=True)
+    for split, count in (("train", 48), ("validation", 11)):
+        rows = [{"prompt": f"Repeat {i} ({split}).", "response": f"{i} {i}"} for i in range(count)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
 def run(
     tmp: Path, name: str, devices: int, model_dir: str, tasks: list[str], *extra: str, accelerator: str = "cpu"
 ) -> list[dict]:
@@ -45,9 +54,12 @@ def run(
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_the_single_process_run(tiny_model_dir, tmp_path):
-    tasks = [write_task(tmp_path / "bigger_a", 0), write_task(tmp_path / "bigger_b", 100)]
-    single = run(tmp_path, "single", 1, tiny_model_dir, tasks, "--strategy", "auto")[0]
-    ranks = run(tmp_path, "ddp", 2, tiny_model_dir, tasks, "--strategy", "ddp")
+    # two multiple-choice tasks and a generation task, decoded greedily (4 tokens) and scored by token F1
+    tasks = [write_task(tmp_path / "bigger_a", 0), write_task(tmp_path / "bigger_b", 100),
+             write_generation_task(tmp_path / "repeat")]  # fmt: skip
+    generation = ["--generation", json.dumps({"repeat": {"metric": "token_f1", "max_new_tokens": 4}})]
+    single = run(tmp_path, "single", 1, tiny_model_dir, tasks, "--strategy", "auto", *generation)[0]
+    ranks = run(tmp_path, "ddp", 2, tiny_model_dir, tasks, "--strategy", "ddp", *generation)
 
     # The ranks take equally long shards of the single-process epoch's draws, which together give them
     # back whole (length-grouped: each rank a slice of every global batch; draws may repeat an example).
@@ -65,14 +77,17 @@ def test_ddp_two_cpu_processes_match_the_single_process_run(tiny_model_dir, tmp_
     # Per-task accuracy reduced over ranks equals the single-process figure on the same items
     # (before training both runs are the base model).
     for key, value in single["val_before"].items():
-        if key.endswith(("/acc", "/items", "acc_avg")):
+        if key.endswith(("/acc", "/items", "acc_avg", "/token_f1", "score_avg")):
             assert ranks[0]["val_before"][key] == pytest.approx(value, abs=1e-12), key
             assert ranks[1]["val_before"][key] == ranks[0]["val_before"][key], key
     assert single["val_before"]["val/bigger_a/items"] == 11
+    assert single["val_before"]["val/repeat/items"] == 5  # no test file: validation.jsonl tests, 10% of train validates
+    assert "val/repeat/token_f1" in single["val_before"] and "val/repeat/token_f1" in ranks[0]["val_after"]
 
     # So do the per-task routing statistics (token-weighted over ranks), layer by layer.
     routing, routing_ddp = single["routing_before"], ranks[0]["routing_before"]
-    assert routing.keys() == routing_ddp.keys() == {"bigger_a", "bigger_b"}
+    # (the generation task's count every prompt and decoded token: the same tokens decoded in both runs)
+    assert routing.keys() == routing_ddp.keys() == {"bigger_a", "bigger_b", "repeat"}
     for task, layers in routing.items():
         assert layers.keys() == routing_ddp[task].keys() and layers
         for layer, stats in layers.items():

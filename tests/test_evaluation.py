@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from helpers import EMBEDDED, EXAMPLE_TASK, SHARED_DATA, TEST_TOKENIZER
@@ -5,8 +7,16 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mosld.data import MultiTaskDataModule, encode_examples, load_task
 from mosld.data.datamodule import eval_loader
+from mosld.data.generation import GenerationSpec, encode_generation_examples
 from mosld.data.tasks import Example, TaskDataError
-from mosld.evaluation import evaluate, extract_choice, score_batch, supports_prompt_sharing
+from mosld.evaluation import (
+    evaluate,
+    extract_choice,
+    generate_batch,
+    score_batch,
+    supports_prompt_sharing,
+)
+from mosld.evaluation.generation import left_pad
 from mosld.models import load_tokenizer
 
 DATA_DIR = SHARED_DATA
@@ -131,6 +141,41 @@ def test_generation_mode_extracts_an_answer(tiny_model, tokenizer):
     assert result["headline"] == "accuracy_generate"
     assert 0.0 <= result["accuracy"]["example_task"] <= 1.0
     assert result["metrics"]["example_task"]["num_items"] == 12
+
+
+def write_rows(folder, rows) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_evaluate_decodes_generation_tasks_beside_multiple_choice(tiny_model, tokenizer, tmp_path):
+    folder = tmp_path / "qa"
+    rows = [{"prompt": f"Question {i}: where is it?", "response": f"r{i}"} for i in range(5)]
+    write_rows(folder, rows)
+    spec = GenerationSpec(metric="exact_match", max_new_tokens=3, stop=())
+    items = encode_generation_examples(load_task(str(folder), "test"), tokenizer, spec, 512)
+    texts = generate_batch(tiny_model, {**left_pad([i.prompt for i in items], tokenizer.pad_token_id),
+                                        "generation": spec}, tokenizer)  # fmt: skip
+    answered = [i for i, t in enumerate(texts) if t.strip()][:1]
+    for i in answered:  # one item answered right, whatever the random model says (the prompt is unchanged)
+        rows[i]["response"] = texts[i]
+    write_rows(folder, rows)
+    result = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK, str(folder)], limit=5, batch_size=2,
+                      generation={"qa": {"max_new_tokens": 3, "metric": "exact_match"}})  # fmt: skip
+    mc_only = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK], limit=5, batch_size=2)
+    assert result["metrics"]["example_task"] | {"seconds": 0} == mc_only["metrics"]["example_task"] | {"seconds": 0}
+    qa = result["metrics"]["qa"]
+    assert qa["num_items"] == 5 and qa["seconds"] > 0
+    assert qa["exact_match"] == pytest.approx(
+        sum(float(t == r["response"]) for t, r in zip(texts, rows, strict=True)) / 5
+    )
+    assert qa["exact_match"] == len(answered) / 5
+    assert result["headlines"] == {"example_task": "accuracy_norm", "qa": "exact_match"}
+    assert result["accuracy"] == {"example_task": mc_only["accuracy"]["example_task"], "qa": qa["exact_match"]}
+    assert result["macro_accuracy"] == pytest.approx(sum(result["accuracy"].values()) / 2)
+    assert result["macro"]["exact_match"] == qa["exact_match"]
+    assert result["macro"]["accuracy_norm"] == mc_only["macro"]["accuracy_norm"]
+    assert "headlines" not in mc_only  # multiple choice alone: the result as before
 
 
 def test_empty_split_is_an_error(tiny_model, tokenizer, tmp_path):

@@ -229,6 +229,36 @@ def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsy
         assert (tmp_path / "docs" / "results_tiny" / figure).stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_a_sweep_of_a_generation_and_multiple_choice_mixture_records_scores_and_aggregates(tiny_model_dir, tmp_path):
+    instructions = str(REPO / "data" / "example_instructions")
+    path = write_tiny_protocol(
+        tmp_path,
+        tiny_model_dir,
+        {"data.tasks": [EXAMPLE_TASK, instructions], "data.num_samples_per_epoch": 8, "trainer.max_steps": 2,
+         "data.max_length": 256, "data.generation": {"example_instructions": {"max_new_tokens": 4, "metric": "token_f1"}}},
+        methods=["lora", "mosld"],
+        seeds=[0],
+        test={"data.max_eval_examples": 5},
+    )  # fmt: skip
+    results = tmp_path / "results"
+    args = ["--results-dir", str(results)]
+    assert experiments_main(["sweep", str(path), *args, "--work-dir", str(tmp_path / "work")]) == 0
+    for run in ("lora-mixture-seed0", "mosld-mixture-seed0", "zero_shot"):
+        metrics = json.loads((results / run / "metrics.json").read_text())
+        task = metrics["tasks"]["example_instructions"]
+        assert task["items"] == 5 and 0 <= task["token_f1"] <= 1 and "acc" not in task
+        rows = [json.loads(x) for x in (results / run / "predictions.jsonl").read_text().splitlines()]
+        generated = [r for r in rows if r["task"] == "example_instructions"]
+        assert len(generated) == 5 and all(isinstance(r["generated"], str) and r["references"] for r in generated)
+        assert task["token_f1"] == pytest.approx(sum(r["score"] for r in generated) / 5)
+    out = tmp_path / "docs" / "results.md"
+    assert experiments_main(["aggregate", str(path), *args, "--out", str(out)]) == 0
+    page = out.read_text()
+    assert experiments_main(["aggregate", str(path), *args, "--out", str(out)]) == 0
+    assert out.read_text() == page and "token_f1" in page and "| MoSLD − LoRA | mixture | 1 |" in page
+
+
 def _strip_task(record, task: str) -> None:
     """Make ``record`` look as if its run had never been tested on ``task`` (an older protocol's record)."""
     metrics = json.loads((record / "metrics.json").read_text())
@@ -363,3 +393,95 @@ def test_hierarchical_standard_error_errs_on_the_wide_side_in_a_crossed_simulati
     true_se = np.std(truth)
     assert true_se < np.mean(hierarchical) < 1.6 * true_se
     assert np.mean(item_only) < true_se
+
+
+# ---------------------------------------------------------------------------- generation tasks
+def test_headline_metric_and_record_average():
+    from mosld.experiments.metrics import headline, headline_metric, item_score, record_average
+
+    assert headline_metric({"acc": 0.5, "acc_sum": 0.4, "items": 3}) == "acc"
+    assert headline_metric({"token_f1": 0.2, "exact_match": 0.1, "items": 3}) == "exact_match"  # the listed order
+    assert headline_metric({"rouge_l": 0.3, "rouge_l_ci95": 0.1, "items": 3}) == "rouge_l"
+    assert headline({"final_number": 0.25, "items": 4}) == 0.25
+    with pytest.raises(ValueError, match="no headline metric"):
+        headline_metric({"items": 3, "answer_loss": 1.0})
+    assert item_score({"correct": True}) == 1.0 and item_score({"correct": 0.5, "score": 0.5}) == 0.5
+    mc = {
+        "a": {"acc": 0.5, "acc_sum": 0.25, "acc_token_norm": 0.0},
+        "b": {"acc": 1.0, "acc_sum": 0.75, "acc_token_norm": 1.0},
+    }
+    assert record_average(mc, ["a", "b"]) == {"acc": 0.75, "acc_sum": 0.5, "acc_token_norm": 0.5}  # as before
+    assert record_average(mc | {"g": {"token_f1": 0.0}}, ["a", "b", "g"]) == {"score": 0.5}
+
+
+def _write_generation_record(root: Path, run: str, method: str, seed: int, scores: dict[str, list[float]],
+                             metrics: dict[str, str], in_domain: list[str]) -> None:  # fmt: skip
+    """A finished record as the sweep writes it, from per-item scores; a task in ``metrics`` is a generation
+    task (rows with generated text, references and score), any other one multiple choice."""
+    folder = root / run
+    folder.mkdir(parents=True)
+    rows, tasks = [], {}
+    for task, values in scores.items():
+        mean = float(np.mean(values))
+        for k, v in enumerate(values):
+            item = f"{task}{k:03d}"
+            if task in metrics:
+                rows.append(
+                    {"task": task, "item": item, "generated": "x", "references": ["y"], "score": v, "correct": v}
+                )
+            else:
+                rows.append({"task": task, "item": item, "pred": 0, "gold": 0 if v else 1, "correct": bool(v)})
+        tasks[task] = ({metrics[task]: mean, f"{metrics[task]}_ci95": 0.1} if task in metrics
+                       else {"acc": mean, "acc_sum": mean, "acc_token_norm": mean}) | {"items": len(values)}  # fmt: skip
+    record = {"protocol": "gen", "run": run, "method": method, "setting": "mixture" if seed >= 0 else "none",
+              "seed": max(seed, 0), "tasks": tasks, "in_domain": in_domain,
+              "out_of_domain": [t for t in tasks if t not in in_domain]}  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(record))
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _generation_records(tmp_path: Path, summary: bool) -> Path:
+    """Base, LoRA and MoSLD (2 seeds) on an MC task, an exact-match task (0/1) and, if ``summary``, a ROUGE-L
+    task (fractions); an out-of-domain final-number task in every record. MoSLD gets 8 more qa items right."""
+    rng = np.random.default_rng(0)
+    metrics = {"qa": "exact_match", "gsm": "final_number"} | ({"summ": "rouge_l"} if summary else {})
+    in_domain = ["arc", "qa", *(["summ"] if summary else [])]
+    results = tmp_path / "results"
+    qa = rng.integers(0, 2, 40)
+    for run, method, seed, shift in [("zero_shot", "base", -1, 0), *[(f"{m}-mixture-seed{s}", m, s, 8 * (m == "mosld"))
+                                     for m in ("lora", "mosld") for s in (0, 1)]]:  # fmt: skip
+        scores = {"arc": rng.integers(0, 2, 30).tolist(), "qa": np.r_[np.ones(shift), qa[shift:]].tolist(),
+                  "gsm": rng.integers(0, 2, 20).tolist()}  # fmt: skip
+        if summary:
+            scores["summ"] = rng.uniform(0, 1, 25).round(3).tolist()
+        _write_generation_record(results, run, method, seed, scores, metrics, in_domain)
+    return results
+
+
+def test_results_page_of_generation_tasks(tmp_path):
+    results = _generation_records(tmp_path, summary=True)
+    out = tmp_path / "results.md"
+    page = aggregate(results, out, resamples=300, test_tasks=["arc", "qa", "summ", "gsm"])
+    assert aggregate(results, out, resamples=300, test_tasks=["arc", "qa", "summ", "gsm"]) == page  # same bytes
+    assert "their cells being the task's metric in % (qa: exact_match, gsm: final_number, summ: rouge_l)" in page
+    assert "| method | setting | seeds | trainable params | arc | qa | summ | avg | gsm |" in page
+    base = json.loads((results / "zero_shot" / "metrics.json").read_text())["tasks"]
+    cells = [f"{100 * base[t][m]:.1f}" for t, m in (("arc", "acc"), ("qa", "exact_match"), ("summ", "rouge_l"))]
+    average = f"{100 * np.mean([base['arc']['acc'], base['qa']['exact_match'], base['summ']['rouge_l']]):.1f}"
+    assert f"| base (zero-shot) | none | 1 | 0 | {' | '.join(cells)} | **{average}** |" in page
+    # fractional ROUGE-L scores in the in-domain average: no McNemar, and the sentence says why
+    row = next(line for line in page.splitlines() if line.startswith("| MoSLD − LoRA | mixture |"))
+    assert row.endswith("| – | – | – |")
+    assert "no McNemar test: some scores are fractions" in page
+    assert "over the multiple-choice tasks only" in page  # the other scorings: arc only
+    # the out-of-domain generation task: its score and comparisons, no label prior
+    gsm = page[page.index("### gsm") : page.index("### What the paper claims out of domain")]
+    assert "scored on the generated text" in gsm and "| LoRA − base (zero-shot) |" in gsm
+    assert "- gsm: *MoSLD forgets less than LoRA* **" in page
+
+
+def test_results_page_of_exact_match_tasks_keeps_mcnemar(tmp_path):
+    results = _generation_records(tmp_path, summary=False)
+    page = aggregate(results, tmp_path / "results.md", resamples=300, test_tasks=["arc", "qa", "gsm"])
+    row = next(line for line in page.splitlines() if line.startswith("| MoSLD − LoRA | mixture |"))
+    assert not row.endswith("| – | – | – |") and "McNemar p = " in page  # 0/1 scores: McNemar applies

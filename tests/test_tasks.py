@@ -3,11 +3,12 @@ import logging
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from mosld.data import KNOWN_TASKS, Example, TaskDataError, load_task, split_plan
+from mosld.data import KNOWN_TASKS, Example, TaskDataError, load_task, split_plan, task_kind
 from mosld.data.tasks import is_eval_only, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,8 @@ def user_row(i: int, **overrides) -> dict:
 
 
 @needs_data
-@pytest.mark.parametrize("task", [t for t in KNOWN_TASKS if t != "mmlu"])  # no train split: its own test below
+# mmlu has no train split (its own test below); the generation tasks have theirs further down
+@pytest.mark.parametrize("task", [t for t in KNOWN_TASKS if t != "mmlu" and task_kind(t) == "multiple_choice"])
 def test_real_tasks_load_with_the_documented_row_counts(task):
     splits = {s: load_task(task, s, DATA_DIR) for s in ("train", "validation", "test")}
     assert tuple(len(v) for v in splits.values()) == COUNTS[task]
@@ -262,3 +264,72 @@ def test_mmlu_rows_with_a_bad_answer_are_refused(tmp_path):
     write_jsonl(folder / "validation.jsonl", [row])
     with pytest.raises(TaskDataError, match=r"test.jsonl:1: field 'answer' = 4 is not a choice index 0-3"):
         load_task("mmlu", "test", tmp_path)
+
+
+needs_babi = pytest.mark.skipif(not (DATA_DIR / "babi" / "en").is_dir(), reason=f"bAbI not found at {DATA_DIR}")
+needs_gsm8k = pytest.mark.skipif(not (DATA_DIR / "openai__gsm8k").is_dir(), reason=f"GSM8K not found at {DATA_DIR}")
+
+
+@needs_babi
+def test_babi_tasks_are_generation_tasks_with_a_held_out_validation_split():
+    from mosld.data import TASKS, GenerationExample, GenerationSpec
+
+    for n in range(1, 21):
+        name = f"babi_qa{n}"
+        splits = {s: load_task(name, s, DATA_DIR) for s in ("train", "validation", "test")}
+        assert tuple(len(v) for v in splits.values()) == (900, 100, 1000), name
+        assert task_kind(name) == "generation" and not is_eval_only(name)
+        assert all(isinstance(e, GenerationExample) and e.task == name and e.references == [e.target] for e in
+                   splits["test"])  # fmt: skip
+        # the hold-out splits the file by position (bAbI repeats some items, so compare multisets)
+        key = lambda e: (e.context, e.prompt, e.target)  # noqa: E731
+        folder = next((DATA_DIR / "babi" / "en").glob(f"qa{n}_*"))
+        rows = [("\n".join(r.data["story"]) or None, r.data["question"], r.data["answer"]) for r in
+                read_jsonl(folder / "train.jsonl")]  # fmt: skip
+        assert Counter(map(key, splits["train"] + splits["validation"])) == Counter(rows)
+        metric = "set_match" if n == 8 else "exact_match"
+        assert TASKS[name].generation == GenerationSpec(metric, 8, ("\n",), "plain")
+    assert split_plan("babi_qa1", DATA_DIR) == {"train": "train minus 10% held out", "validation": "10% of train",
+                                               "test": "test"}  # fmt: skip
+    first = load_task("babi_qa1", "test", DATA_DIR)[0]
+    row = read_jsonl(next((DATA_DIR / "babi" / "en").glob("qa1_*")) / "test.jsonl")[0].data
+    assert first == GenerationExample("babi_qa1", "\n".join(row["story"]), row["question"], row["answer"],
+                                      [row["answer"]])  # fmt: skip
+    assert first.context.split("\n")[0] == "John travelled to the hallway." and first.prompt == "Where is John?"
+    # qa10 has no qa1 mix-up: the folder is found by its "qa1_" / "qa10_" prefix
+    assert load_task("babi_qa10", "test", DATA_DIR)[0].target in ("yes", "no", "maybe")
+    assert {"," in e.target for e in load_task("babi_qa8", "test", DATA_DIR)} == {True, False}
+
+
+@needs_gsm8k
+def test_gsm8k_trains_on_the_worked_solution_and_scores_the_final_number():
+    from mosld.data import TASKS, GenerationSpec
+
+    splits = {s: load_task("gsm8k", s, DATA_DIR) for s in ("train", "validation", "test")}
+    assert tuple(len(v) for v in splits.values()) == (7473 - 747, 747, 1319)
+    assert TASKS["gsm8k"].generation == GenerationSpec("final_number", 256, (), "plain")
+    assert split_plan("gsm8k", DATA_DIR)["validation"] == "10% of train"
+    natalia = next(e for e in splits["train"] + splits["validation"] if e.prompt.startswith("Natalia sold clips"))
+    assert natalia.target == (
+        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
+    )
+    assert natalia.references == ["72"] and natalia.context is None
+    every = [e for split in splits.values() for e in split]
+    assert not any("<<" in e.target for e in every) and all(e.target.endswith(f"#### {e.references[0]}") for e in every)
+
+
+def test_gsm8k_row_without_a_final_number_is_refused(tmp_path):
+    folder = tmp_path / "openai__gsm8k" / "main"
+    write_jsonl(folder / "test.jsonl", [{"question": "1+1?", "answer": "It is 2.\n#### 2"},
+                                        {"question": "2+2?", "answer": "It is 4."}])  # fmt: skip
+    with pytest.raises(TaskDataError, match=rf"task 'gsm8k': {folder / 'test.jsonl'}:2: field 'answer' should end in"):
+        load_task("gsm8k", "test", tmp_path)
+
+
+def test_multiple_choice_item_ids_are_unchanged():
+    """The committed experiment records pair items by these ids: they must not change."""
+    from mosld.data.datamodule import item_ids
+
+    assert item_ids(load_task(str(EXAMPLE_TASK), "test"))[:3] == ["0a56ba106cc3", "c968bd4333be", "313622b76148"]
+    made = [Example("t", "A passage.", "Q?", ["a", "b"], 1), Example("t", None, "Q?", ["a", "b"], 1)]
+    assert item_ids(made + made[1:]) == ["f4888452ab4e", "94f6594e50f2", "94f6594e50f2#2"]

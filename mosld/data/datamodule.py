@@ -1,12 +1,14 @@
-"""LightningDataModule mixing several multiple-choice tasks, and the datasets/collators it is built from."""
+"""LightningDataModule mixing several tasks, multiple-choice and generation ones (its datasets, loaders and
+collators are in ``mosld.data.loaders``), and the on-disk cache of tokenised splits."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple
 from pathlib import Path
 from typing import Literal
@@ -14,169 +16,50 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from mosld.data.prompts import FAMILY_TEMPLATES, IGNORE_INDEX, EncodedItem, encode_examples, get_template
+from mosld.data.formats import CHAT, GENERATION, detect_format, read_jsonl
+from mosld.data.generation import (
+    GENERATION_TEMPLATES,
+    GenerationCollator,
+    GenerationItem,
+    GenerationSpec,
+    encode_generation_examples,
+    has_chat_template,
+)
+from mosld.data.loaders import (  # noqa: F401 -- re-exported: mosld imports them from here
+    EvalCollator,
+    Item,
+    ResumableLoader,
+    TrainCollator,
+    TrainDataset,
+    eval_loader,
+    item_ids,
+)
+from mosld.data.prompts import FAMILY_TEMPLATES, EncodedItem, encode_examples, get_template
 from mosld.data.sampling import TemperatureSampler
 from mosld.data.tasks import (
     EVAL_SAMPLE_SEED,
     PAPER_TASKS,
     Example,
+    GenerationExample,
+    generation_defaults,
     is_eval_only,
     load_predict_examples,
     load_task,
     seeded_sample,
     task_family,
+    task_kind,
     task_name,
 )
 from mosld.models import cache_root, load_tokenizer
 
 log = logging.getLogger(__name__)
 # Bump when the encoding changes, so stale cached token ids are never reused (2: items whose question or
-# answers do not fit max_length are refused, no longer cut; 3: choice_chars without the leading space).
-CACHE_VERSION = 3
-
-
-def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
-class TrainDataset(Dataset):
-    """Gold-answer training sequences of several tasks, concatenated in task order."""
-
-    def __init__(self, tasks: Sequence[tuple[int, Sequence[EncodedItem]]], eos_id: int):
-        self.entries = [(task_id, item) for task_id, items in tasks for item in items]
-        self.sizes = [len(items) for _, items in tasks]
-        self.eos_id = eos_id
-
-    @property
-    def lengths(self) -> list[int]:
-        """Token length of every training sequence (prompt, gold answer, EOS), for length grouping."""
-        return [len(item.prompt) + len(item.choices[item.label]) + 1 for _, item in self.entries]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, index: int) -> tuple[list[int], list[int], int]:
-        task_id, item = self.entries[index]
-        return (*item.train_sequence(self.eos_id), task_id)
-
-
-class ResumableLoader(DataLoader):
-    """The training loader: a ``DataLoader`` that Lightning resumes mid-epoch where the checkpoint left off.
-
-    Lightning saves ``state_dict()`` in checkpoints and, when a fit resumes from one, calls
-    ``load_state_dict`` before iterating; the next iteration then starts the sampler after the batches
-    the trainer counts as consumed in the current epoch (``batches_done``, read from the trainer's
-    restored progress rather than counted here: Lightning fetches a batch ahead of the one it trains
-    on, and it is Lightning's count that decides where its epoch ends). A checkpoint saved mid-epoch
-    (``ModelCheckpoint(every_n_train_steps=...)``, a preempted job) so continues the same sample
-    order; without this, a resumed epoch would replay its first batches and never reach its last ones.
-    (A run that stopped at ``max_steps`` is, to Lightning, at the end of its epoch: resuming it
-    starts the next epoch, whose order this does not change.)
-
-    Args:
-        batches_done: Returns the number of batches of the current epoch already trained on.
-        *args, **kwargs: As for ``DataLoader``; ``sampler`` must be a ``TemperatureSampler``.
-    """
-
-    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = batches_done
-        self._resuming = False
-
-    def state_dict(self) -> dict:
-        # where to resume comes from the trainer's own progress (see batches_done); the epoch too
-        return {"batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("batch_size") != self.batch_size:
-            raise ValueError(
-                f"data.batch_size: the checkpoint was trained with batch size {state.get('batch_size')}, this run uses "
-                f"{self.batch_size}; resume with the same batch size, or start a new run from the exported adapter"
-            )
-        self._resuming = True
-
-    def __iter__(self):
-        if self._resuming:
-            self._resuming = False
-            self.sampler.start_at(min(self.batches_done() * self.batch_size, len(self.sampler)))
-        return super().__iter__()
-
-
-class TrainCollator:
-    """Right-pads a training batch to its longest sequence: ids, attention mask, labels (-100 outside the
-    answer) and task ids."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: Sequence[tuple[list[int], list[int], int]]) -> dict[str, torch.Tensor]:
-        ids, labels, task_ids = zip(*batch, strict=True)
-        input_ids = _pad(ids, self.pad_id)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-            "labels": _pad(labels, IGNORE_INDEX),
-            "task_ids": torch.tensor(task_ids, dtype=torch.long),
-        }
-
-
-class EvalCollator:
-    """Flattens a batch of items into one right-padded sequence per (item, choice)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: Sequence[tuple[EncodedItem, int, str]]) -> dict[str, torch.Tensor | list[str]]:
-        ids, labels, item_index, choice_index, chars = [], [], [], [], []
-        for i, (item, _, _) in enumerate(batch):
-            for c in range(len(item.choices)):
-                seq, lab = item.choice_sequence(c)
-                ids.append(seq)
-                labels.append(lab)
-                item_index.append(i)
-                choice_index.append(c)
-                chars.append(item.choice_chars[c])
-        return {
-            "input_ids": _pad(ids, self.pad_id),
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-            "labels": _pad(labels, IGNORE_INDEX),
-            "item_index": torch.tensor(item_index, dtype=torch.long),
-            "choice_index": torch.tensor(choice_index, dtype=torch.long),
-            "gold": torch.tensor([item.label for item, _, _ in batch], dtype=torch.long),
-            "choice_chars": torch.tensor(chars, dtype=torch.long),
-            "task_ids": torch.tensor([task_id for _, task_id, _ in batch], dtype=torch.long),
-            "item_ids": [item_id for _, _, item_id in batch],
-        }
-
-
-def item_ids(examples: Sequence[Example]) -> list[str]:
-    """A stable id per item: a hash of its content (task, passage, question, choices, label), so the same
-    item has the same id in every run, whatever sample or order it was drawn in; repeats get ``#2``, ``#3``..."""
-    ids, seen = [], {}
-    for e in examples:
-        digest = hashlib.sha1(json.dumps(astuple(e)).encode()).hexdigest()[:12]
-        seen[digest] = seen.get(digest, 0) + 1
-        ids.append(digest if seen[digest] == 1 else f"{digest}#{seen[digest]}")
-    return ids
-
-
-def eval_loader(
-    items: Sequence[EncodedItem], task_id: int, pad_id: int, batch_size: int, rank: int = 0, world_size: int = 1,
-    num_workers: int = 0, ids: Sequence[str] | None = None,
-) -> DataLoader:  # fmt: skip
-    """Loader over one task's items: longest first (less padding), then sharded ``rank::world_size``, no padding.
-
-    ``ids`` (default: the items' positions) name the items in predictions."""
-    ids = [str(i) for i in range(len(items))] if ids is None else list(ids)
-    ordered = sorted(zip(items, ids, strict=True), key=lambda pair: len(pair[0]), reverse=True)
-    shard = [(item, task_id, item_id) for item, item_id in ordered[rank::world_size]]
-    return DataLoader(
-        shard, batch_size=batch_size, shuffle=False, collate_fn=EvalCollator(pad_id), num_workers=num_workers
-    )
+# answers do not fit max_length are refused, no longer cut; 3: choice_chars without the leading space; 4: generation
+# items, keyed by their template).
+CACHE_VERSION = 4
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -184,26 +67,39 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     return f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}"
 
 
+def _encode(examples, tokenizer, template: str | GenerationSpec, max_length: int) -> list[Item]:
+    if isinstance(template, GenerationSpec):
+        return encode_generation_examples(examples, tokenizer, template, max_length)
+    return encode_examples(examples, tokenizer, template, max_length)
+
+
 def encode_cached(
-    examples: Sequence[Example],
+    examples: Sequence[Example] | Sequence[GenerationExample],
     tokenizer: PreTrainedTokenizerBase,
-    template: str,
+    template: str | GenerationSpec,
     max_length: int,
     cache_dir: Path | None,
-) -> list[EncodedItem]:
-    """``encode_examples`` with an on-disk cache keyed by the examples' content, tokenizer, template and length."""
+) -> list[Item]:
+    """``encode_examples`` (a template name) or ``encode_generation_examples`` (a ``GenerationSpec``) with an
+    on-disk cache keyed by the examples' content, tokenizer, template and length."""
     if cache_dir is None:
-        return encode_examples(examples, tokenizer, template, max_length)
+        return _encode(examples, tokenizer, template, max_length)
     digest = hashlib.sha256()
-    header = [CACHE_VERSION, tokenizer_identity(tokenizer), astuple(get_template(template)), max_length]
+    if isinstance(template, GenerationSpec):  # the metric and decoding settings do not change the tokens
+        chat = tokenizer.chat_template if template.template == "chat" else None
+        header = [CACHE_VERSION, tokenizer_identity(tokenizer), "generation", template.template, chat, max_length]
+        build = GenerationItem
+    else:
+        header = [CACHE_VERSION, tokenizer_identity(tokenizer), astuple(get_template(template)), max_length]
+        build = EncodedItem
     digest.update(json.dumps(header).encode())
     for e in examples:
         digest.update(json.dumps(astuple(e)).encode())
     name = examples[0].task.replace(os.sep, "_") if examples else "empty"
     path = cache_dir / f"{name}-{digest.hexdigest()[:24]}.pt"
     if path.is_file():
-        return [EncodedItem(*fields) for fields in torch.load(path)]
-    items = encode_examples(examples, tokenizer, template, max_length)
+        return [build(*fields) for fields in torch.load(path)]
+    items = _encode(examples, tokenizer, template, max_length)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     torch.save([astuple(item) for item in items], tmp)
@@ -222,7 +118,12 @@ def _eval_caps(caps: dict[str, int] | None) -> dict[str, int]:
 
 
 class MultiTaskDataModule(L.LightningDataModule):
-    """Multi-task multiple-choice data: temperature-mixed training batches, one eval loader per task.
+    """Multi-task data: temperature-mixed training batches, one eval loader per task.
+
+    A task is multiple choice or generation (``mosld.data.tasks.task_kind``); a mixture may hold both. Both kinds
+    train on prompt + gold answer/target + EOS; their eval loaders give ``EvalCollator`` (multiple choice) or
+    ``GenerationCollator`` batches (generation: left-padded prompts, ``references`` and the task's
+    ``GenerationSpec``).
 
     Args:
         tasks: Registry names (``mosld.data.KNOWN_TASKS``) or paths to user tasks; their order defines task ids.
@@ -240,12 +141,18 @@ class MultiTaskDataModule(L.LightningDataModule):
         seed: Seed of the training subsample and the sampler.
         num_workers: DataLoader workers.
         cache_dir: Tokenised-dataset cache; default ``<mosld cache>/tokenized`` (``$MOSLD_CACHE_DIR`` honoured).
-        templates: Prompt template per task (task name -> template name), overriding the registry's choice.
+        templates: Prompt template per task (task name -> template name), overriding the registry's choice; for a
+            generation task ``plain`` or ``chat`` (the tokenizer's chat template).
+        generation: Per generation task (task name -> fields of ``GenerationSpec``), overriding its defaults, e.g.
+            ``{"my_task": {"metric": "token_f1", "max_new_tokens": 64}}``. A user generation task's defaults:
+            ``rouge_l``, 128 new tokens, no stop string, ``chat`` for chat rows when the tokenizer has a chat
+            template, else ``plain``.
         train_eval_only: Also train on evaluation-only tasks (BoolQ, whose local train split has no passages).
         length_group_batches: Training batches per pool that is sorted by sequence length before it is cut
             into batches (far less padding; the batches of a pool are then shuffled); 1 keeps the sampled order.
-        predict_file: JSONL questions for ``predict`` in the user-task format (``label`` optional), scored in
-            file order with the prompt template of the first task.
+        predict_file: JSONL items for ``predict`` in a user-task row format, targets optional: multiple-choice
+            rows are scored in file order with the template of the first multiple-choice task, generation rows
+            generated with the spec of the first generation task.
     """
 
     def __init__(
@@ -269,6 +176,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         train_eval_only: bool = False,
         length_group_batches: int = 16,
         predict_file: str | None = None,
+        generation: dict[str, dict] | None = None,
     ):
         super().__init__()
         if setting not in ("mixture", "single"):
@@ -293,8 +201,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         unknown = set(templates) - set(self.task_names)
         if unknown:
             raise ValueError(f"templates: {sorted(unknown)} are not among the tasks {self.task_names}")
-        self.templates = [get_template(templates.get(n, FAMILY_TEMPLATES[task_family(t)])).name
-                          for t, n in zip(self.tasks, self.task_names, strict=True)]  # fmt: skip
+        self.kinds = [task_kind(t, data_dir) for t in self.tasks]
+        self._specs, self._chat_asked = self._generation_specs(templates, dict(generation or {}))
+        self._templates = [None if i in self._specs else get_template(templates.get(n, FAMILY_TEMPLATES[task_family(t)])).name
+                           for i, (t, n) in enumerate(zip(self.tasks, self.task_names, strict=True))]  # fmt: skip
         self.train_task_ids = [i for i, t in enumerate(self.tasks) if train_eval_only or not is_eval_only(t)]
         self.model_name_or_path = model_name_or_path
         self.temperature, self.seed = temperature, seed
@@ -309,6 +219,60 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._encoded: dict[tuple[int, str], list[EncodedItem]] = {}
 
+    def _generation_specs(self, templates: dict, generation: dict) -> tuple[dict[int, GenerationSpec], set[int]]:
+        """The spec of each generation task (defaults, then the options), and the tasks whose options name a
+        template (``chat`` asked for is then an error without a chat template, not a fall-back to ``plain``)."""
+        unknown = set(generation) - set(self.task_names)
+        if unknown:
+            raise ValueError(f"generation: {sorted(unknown)} are not among the tasks {self.task_names}")
+        specs, asked = {}, set()
+        for i, (task, name) in enumerate(zip(self.tasks, self.task_names, strict=True)):
+            if self.kinds[i] != GENERATION:
+                if name in generation:
+                    raise ValueError(
+                        f"generation: {name!r} is a multiple-choice task; the option sets generation tasks"
+                    )
+                continue
+            overrides = generation.get(name, {})
+            if not isinstance(overrides, dict):
+                raise ValueError(
+                    f"generation: task {name!r}: expected a mapping of GenerationSpec fields, got {overrides!r}"
+                )
+            overrides = dict(overrides)
+            if name in templates:
+                if templates[name] not in GENERATION_TEMPLATES:
+                    raise ValueError(f"templates: {name!r} is a generation task, whose template is one of "
+                                     f"{list(GENERATION_TEMPLATES)}; got {templates[name]!r}")  # fmt: skip
+                if overrides.get("template", templates[name]) != templates[name]:
+                    raise ValueError(f"templates and generation disagree on the template of task {name!r}")
+                overrides["template"] = templates[name]
+            if "template" in overrides:
+                asked.add(i)
+            specs[i] = generation_defaults(task).replace(overrides, option=f"generation: task {name!r}")
+        return specs, asked
+
+    @property
+    def templates(self) -> list[str]:
+        """The prompt template of each task (a generation task's: ``plain`` or ``chat``)."""
+        return [t if t is not None else self.generation_spec(i).template for i, t in enumerate(self._templates)]
+
+    def generation_spec(self, task_id: int) -> GenerationSpec | None:
+        """How generation task ``task_id`` is decoded and scored; ``None`` for a multiple-choice task."""
+        spec = self._specs.get(task_id)
+        if spec is not None and spec.template == "chat" and task_id not in self._chat_asked:
+            if not has_chat_template(self.tokenizer):  # chat rows' default, where the tokenizer has a chat template
+                log.info(
+                    "task %s: the tokenizer has no chat template; using the plain template", self.task_names[task_id]
+                )
+                spec = self._specs[task_id] = dataclasses.replace(spec, template="plain")
+            self._chat_asked.add(task_id)
+        return spec
+
+    @property
+    def generation_specs(self) -> dict[int, GenerationSpec]:
+        """Task id -> ``GenerationSpec`` of every generation task."""
+        return {i: self.generation_spec(i) for i in self._specs}
+
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer, loaded on first use."""
@@ -316,7 +280,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.model_name_or_path)
         return self._tokenizer
 
-    def encoded(self, task_id: int, split: str) -> list[EncodedItem]:
+    def encoded(self, task_id: int, split: str) -> list[EncodedItem] | list[GenerationItem]:
         """Tokenised items of one task's split (after the per-task cap), from the cache when possible."""
         key = (task_id, split)
         if key not in self._encoded:
@@ -327,9 +291,8 @@ class MultiTaskDataModule(L.LightningDataModule):
                 cap = self.eval_examples_by_task.get(self.task_names[task_id], self.max_eval_examples)
                 examples = seeded_sample(examples, cap, EVAL_SAMPLE_SEED)
             self._item_ids[key] = item_ids(examples)
-            self._encoded[key] = encode_cached(
-                examples, self.tokenizer, self.templates[task_id], self.max_length, self.cache_dir
-            )
+            template = self.generation_spec(task_id) or self._templates[task_id]
+            self._encoded[key] = encode_cached(examples, self.tokenizer, template, self.max_length, self.cache_dir)
         return self._encoded[key]
 
     def item_ids(self, task_id: int, split: str) -> list[str]:
@@ -402,9 +365,17 @@ class MultiTaskDataModule(L.LightningDataModule):
                 world_size,
                 self.num_workers,
                 ids=self.item_ids(i, split),
+                generation=self.generation_spec(i),
             )  # fmt: skip
             for i in range(len(self.tasks))
         ]
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # a generation batch's spec (a frozen dataclass) rides along as it is: Lightning's mover would rebuild it
+        if isinstance(batch, dict) and "generation" in batch:
+            rest = {k: v for k, v in batch.items() if k != "generation"}
+            return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "generation": batch["generation"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_dataloaders("validation")
@@ -413,13 +384,25 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._eval_dataloaders("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """The questions of ``predict_file`` in file order, batched like evaluation items (labels may be absent)."""
+        """The items of ``predict_file`` in file order, batched like evaluation items (targets may be absent)."""
         if not self.predict_file:
             raise ValueError("predict_file: give a JSONL file of questions to predict (--data.predict_file)")
         examples = load_predict_examples(self.predict_file)
-        items = encode_examples(examples, self.tokenizer, self.templates[0], self.max_length)
+        generation = isinstance(examples[0], GenerationExample)
+        kind = GENERATION if generation else "multiple_choice"
+        task_id = next((i for i, k in enumerate(self.kinds) if k == kind), None)
+        pad_id = self.tokenizer.pad_token_id
+        if generation:
+            spec = self.generation_spec(task_id) if task_id is not None else None
+            if spec is None:  # no generation task to take it from: a user task's defaults
+                chat = detect_format(read_jsonl(self.predict_file)[0]) is CHAT and has_chat_template(self.tokenizer)
+                spec = GenerationSpec("rouge_l", 128, (), "chat" if chat else "plain")
+            items = encode_generation_examples(examples, self.tokenizer, spec, self.max_length)
+            collate = GenerationCollator(pad_id, spec)
+        else:
+            template = self._templates[task_id] if task_id is not None else FAMILY_TEMPLATES["passage"]
+            items = encode_examples(examples, self.tokenizer, template, self.max_length)
+            collate = EvalCollator(pad_id)
         rank, world_size = self._rank_world()
-        shard = [(item, 0, str(i)) for i, item in enumerate(items)][rank::world_size]
-        return DataLoader(
-            shard, batch_size=self.eval_batch_size, shuffle=False, collate_fn=EvalCollator(self.tokenizer.pad_token_id)
-        )
+        shard = [(item, task_id or 0, str(i)) for i, item in enumerate(items)][rank::world_size]
+        return DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate)

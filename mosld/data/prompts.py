@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from mosld.data.generation import token_ids
+from mosld.data.rows import IGNORE_INDEX
 from mosld.data.tasks import LETTERS, TASKS, Example, TaskDataError
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "TEMPLATES", "EncodedItem", "PromptTemplate", "encode_examples", "get_template"]
 
 
 @dataclass(frozen=True)
@@ -120,14 +122,15 @@ class EncodedItem:
         answer = self.choices[index]
         return self.prompt + answer, [IGNORE_INDEX] * len(self.prompt) + answer
 
+    def train_length(self) -> int:
+        """Length of the training sequence (prompt, gold answer, EOS)."""
+        return len(self.prompt) + len(self.choices[self.label]) + 1
+
     def __len__(self) -> int:
         return len(self.prompt) + max(len(c) for c in self.choices) + 1
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+_ids = token_ids
 
 
 def encode_examples(

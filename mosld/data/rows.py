@@ -1,15 +1,17 @@
-"""The shapes a dataset row passes through (``Row`` -> ``Example``) and the per-dataset row parsers of the
-task registry (``mosld.data.tasks``); each parser returns (context, question, choices, label) or raises
-``TaskDataError`` naming the file, line and field.
+"""The shapes a dataset row passes through (``Row`` -> ``Example`` or ``GenerationExample``) and the
+multiple-choice row parsers of the task registry (``mosld.data.tasks``); each parser returns (context, question,
+choices, label) or raises ``TaskDataError`` naming the file, line and field. The generation row formats are in
+``mosld.data.formats``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 LETTERS = "ABCDEFGHIJ"
+IGNORE_INDEX = -100  # the label of a token that carries no loss (prompt tokens, padding)
 
 
 class TaskDataError(ValueError):
@@ -35,6 +37,27 @@ class Example:
     label: int
 
 
+@dataclass
+class GenerationExample:
+    """One free-text item: the conversation before the target, the target to train on, references to score.
+
+    Attributes:
+        task: Registry name (or user task name) the example belongs to.
+        context: Passage put before the prompt (bAbI: the story); cut from its start when too long.
+        prompt: The last user turn (Alpaca: instruction + "\\n\\n" + input; bAbI and GSM8K: the question).
+        target: What training teaches (then EOS); GSM8K: the whole worked solution. Empty only in predict files.
+        references: What generated text is scored against (usually ``[target]``; GSM8K: the final number).
+        history: (role, content) turns before the last user turn (chat rows; a system turn first).
+    """
+
+    task: str
+    context: str | None
+    prompt: str
+    target: str
+    references: list[str]
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Row:
     """A raw dataset row with where it came from, for error messages."""
@@ -50,6 +73,17 @@ class Row:
 Parsed = tuple[str | None, str, list[str], int]
 
 
+def _check_text(row: Row, key: str, value: str) -> str:
+    """``value`` unless it holds a lone surrogate (a JSON ``\\ud800`` escape), which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TaskDataError(
+            f"{row.where()}: field {key!r} holds text that is not valid Unicode ({err.reason})"
+        ) from None
+    return value
+
+
 def _field(row: Row, key: str, kind: type) -> Any:
     value = row.data[key]
     # bool is an int subclass: true/false must not pass as a label index, nor 0/1 as a BoolQ answer.
@@ -57,7 +91,22 @@ def _field(row: Row, key: str, kind: type) -> Any:
         raise TaskDataError(
             f"{row.where()}: field {key!r} should be {kind.__name__}, got {type(value).__name__} {value!r:.80}"
         )
-    return value
+    return _check_text(row, key, value) if kind is str else value
+
+
+_FIELD = object()
+
+
+def nonempty_text(row: Row, key: str, value: Any = _FIELD) -> str:
+    """Field ``key`` of ``row`` (or ``value``, a part of it named ``key``): a string that is not only whitespace."""
+    value = row.data[key] if value is _FIELD else value
+    if not isinstance(value, str):
+        raise TaskDataError(
+            f"{row.where()}: field {key!r} should be a string, got {type(value).__name__} {value!r:.80}"
+        )
+    if not value.strip():
+        raise TaskDataError(f"{row.where()}: field {key!r} is empty (or only whitespace)")
+    return _check_text(row, key, value)
 
 
 def _letter_index(row: Row, key: str, letters: Sequence[str]) -> int:
@@ -154,6 +203,8 @@ def _parse_user(row: Row) -> Parsed:
         raise TaskDataError(
             f"{row.where()}: field 'choices' should be a list of at least 2 non-empty strings, got {choices!r:.200}"
         )
+    for i, choice in enumerate(choices):
+        _check_text(row, f"choices[{i}]", choice)
     duplicate = _first_duplicate(choices)
     if duplicate is not None:
         raise TaskDataError(
@@ -168,4 +219,6 @@ def _parse_user(row: Row) -> Parsed:
     context = row.data.get("context")
     if context is not None and not isinstance(context, str):
         raise TaskDataError(f"{row.where()}: field 'context' should be a string or null, got {type(context).__name__}")
-    return context or None, _field(row, "question", str), list(choices), label
+    if context is not None:
+        _check_text(row, "context", context)
+    return context or None, nonempty_text(row, "question"), list(choices), label

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -28,6 +29,22 @@ def temperature_probabilities(sizes: Sequence[int], temperature: float) -> list[
     top = max(logs)
     weights = [math.exp(v - top) for v in logs]
     return [w / sum(weights) for w in weights]
+
+
+def stratified_indices(strata: list[str], limit: int, seed: int) -> list[int]:
+    """``limit`` indices drawn within each stratum in proportion to its size (proportional allocation)."""
+    members: dict[str, list[int]] = {}
+    for i, stratum in enumerate(strata):
+        members.setdefault(stratum, []).append(i)
+    names = sorted(members)
+    quotas = {s: limit * len(members[s]) / len(strata) for s in names}
+    counts = {s: int(quotas[s]) for s in names}
+    # the seats left go to the largest remainders (Hamilton's method), so the counts sum to limit
+    by_remainder = sorted(names, key=lambda s: (counts[s] - quotas[s], names.index(s)))
+    for s in by_remainder[: limit - sum(counts.values())]:
+        counts[s] += 1
+    rng = random.Random(seed)
+    return sorted(i for s in names for i in rng.sample(members[s], counts[s]))
 
 
 def length_grouped_batches(

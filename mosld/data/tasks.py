@@ -1,10 +1,11 @@
-"""Task registry: Hugging Face multiple-choice datasets and user JSONL tasks, mapped to one ``Example`` shape.
+"""Task registry: Hugging Face datasets and user JSONL tasks, mapped to ``Example`` (multiple choice) or
+``GenerationExample`` (free text) items.
 
 A built-in task is read from a local data directory laid out as ``<owner>__<name>/<config>/<split>.jsonl``
-(the layout of the project's ``shared/data``), or else from the Hugging Face Hub with
-``datasets.load_dataset(<hub name>, <config>, split=...)``. A user task is a JSONL file, or a folder of
-``train.jsonl`` / ``validation.jsonl`` / ``test.jsonl``, with rows ``{"question", "choices", "label"}`` and an
-optional ``"context"``.
+(the layout of the project's ``shared/data``; bAbI: ``babi/en/qa<N>_<name>/<split>.jsonl``), or else from the
+Hugging Face Hub with ``datasets.load_dataset(<hub name>, <config>, split=...)``. A user task is a JSONL file, or
+a folder of ``train.jsonl`` / ``validation.jsonl`` / ``test.jsonl``, each in one of the row formats of
+``mosld.data.formats`` (multiple choice, Alpaca, prompt/response, chat), detected per file from its first row.
 
 Splits follow the paper's protocol (see ``docs/data.md``): ``test`` is the official labelled test split, or the
 validation split where test labels are not public; ``validation`` is the official validation split unless that
@@ -13,20 +14,34 @@ split became the test split or does not exist, in which case 10% of train is hel
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 # the row shapes and parsers live in rows.py; the names are kept here, where the rest of mosld imports them from
+from .formats import (
+    CHAT,
+    GENERATION,
+    MC_FORMAT,
+    MULTIPLE_CHOICE,
+    RowFormat,
+    babi_hub_rows,
+    check_columns,
+    detect_format,
+    make_example,
+    parse_babi,
+    parse_gsm8k,
+    read_jsonl,
+)
+from .generation import GenerationSpec
 from .rows import (  # noqa: F401 -- re-exported
     LETTERS,
     MMLU_HEADER,
     Example,
+    GenerationExample,
     Parsed,
     Row,
     TaskDataError,
@@ -38,8 +53,9 @@ from .rows import (  # noqa: F401 -- re-exported
     _parse_mmlu,
     _parse_openbookqa,
     _parse_race,
-    _parse_user,
+    _parse_user,  # noqa: F401 -- re-exported
 )
+from .sampling import stratified_indices
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +65,7 @@ HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 20241212
 EVAL_SAMPLE_SEED = 0
 DATA_DIR_ENV = "MOSLD_DATA_DIR"
-USER_COLUMNS = ("question", "choices", "label")
+USER_COLUMNS = MC_FORMAT.columns
 
 
 @dataclass(frozen=True)
@@ -61,8 +77,10 @@ class TaskSpec:
         hub_name: Hugging Face Hub dataset id.
         configs: Hub configs; several are concatenated split by split (MCTest: mc160 + mc500).
         columns: Columns a row must have.
-        parse: Turns a row into (context, question, choices, label); raises ``TaskDataError``.
-        family: Prompt family (``science``, ``passage``, ``yesno`` or ``mmlu``), picks the default template.
+        parse: Turns a row into (context, question, choices, label), or for a generation task (context, prompt,
+            target, references, history); raises ``TaskDataError``.
+        family: Prompt family (``science``, ``passage``, ``yesno``, ``mmlu``; ``generation``), picks the default
+            template.
         test_source: Source split used as ``test``; ``validation`` where test labels are not public.
         hub_splits: Splits the hub dataset has.
         eval_only: Left out of training by default (BoolQ: the local train split has no passages).
@@ -71,13 +89,17 @@ class TaskSpec:
             then takes every stratum in proportion to its size (MMLU: the subject); ``None`` for a plain sample.
         min_length: Token budget of this task's sequences when ``max_length`` is smaller (MMLU: evaluation-only,
             its questions are never cut, and 1,433 of its 14,042 test items need more than 256 tokens).
+        generation: How a generation task is decoded and scored; ``None`` for a multiple-choice task.
+        local_glob: Where the local copy is, as a glob under the data directory, when it is not laid out as
+            ``<owner>__<name>/<config>`` (bAbI: ``babi/en/qa1_*``).
+        hub_convert: Turns one hub row into the local rows (bAbI: a story into one row per question).
     """
 
     name: str
     hub_name: str
     configs: tuple[str, ...]
     columns: tuple[str, ...]
-    parse: Callable[[Row], Parsed]
+    parse: Callable[[Row], tuple]
     family: str
     test_source: str = "test"
     hub_splits: tuple[str, ...] = SPLITS
@@ -85,8 +107,18 @@ class TaskSpec:
     train_size: int | None = None
     stratum: Callable[[Example], str] | None = None
     min_length: int | None = None
+    generation: GenerationSpec | None = None
+    local_glob: str | None = None
+    hub_convert: Callable[[dict], list[dict]] | None = None
+
+    @property
+    def row_format(self) -> RowFormat:
+        kind = MULTIPLE_CHOICE if self.generation is None else GENERATION
+        return RowFormat(self.name, kind, self.columns, self.parse)
 
     def local_dir(self, data_dir: Path, config: str) -> Path:
+        if self.local_glob is not None:  # bAbI: babi/en/qa1_single-supporting-fact, found by its "qa1_" prefix
+            return next(iter(sorted(data_dir.glob(self.local_glob))), data_dir / self.local_glob)
         return data_dir / self.hub_name.replace("/", "__") / config
 
 
@@ -110,6 +142,14 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("mmlu", "cais/mmlu", ("all",), ("question", "subject", "choices", "answer"), _parse_mmlu, "mmlu",
                  hub_splits=("validation", "test"), eval_only=True, stratum=_mmlu_subject,
                  min_length=2048),
+        TaskSpec("gsm8k", "openai/gsm8k", ("main",), ("question", "answer"), parse_gsm8k, "generation",
+                 hub_splits=("train", "test"), generation=GenerationSpec("final_number", 256, (), "plain")),
+        *(TaskSpec(f"babi_qa{n}", "facebook/babi_qa", (f"en-qa{n}",), ("story", "question", "answer"), parse_babi,
+                   "generation", hub_splits=("train", "test"), local_glob=f"babi/en/qa{n}_*",
+                   hub_convert=babi_hub_rows,
+                   # qa8 (lists/sets) answers are comma-separated sets; qa19's paths ("n,w") are ordered
+                   generation=GenerationSpec("set_match" if n == 8 else "exact_match", 8, ("\n",), "plain"))
+          for n in range(1, 21)),
     )
 }  # fmt: skip
 KNOWN_TASKS: tuple[str, ...] = tuple(TASKS)
@@ -122,37 +162,14 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return Path(chosen).expanduser() if chosen is not None else None
 
 
-@lru_cache(maxsize=64)
-def _read_jsonl_cached(path: str, mtime_ns: int, size: int) -> tuple[Row, ...]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskDataError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(data, dict):
-                raise TaskDataError(f"{path}:{number}: expected a JSON object per line, got {type(data).__name__}")
-            rows.append(Row(path, number, data))
-    return tuple(rows)
-
-
-def read_jsonl(path: str | os.PathLike) -> tuple[Row, ...]:
-    """Rows of a JSONL file (cached while the file is unchanged); bad JSON is reported with file and line."""
-    stat = Path(path).stat()
-    return _read_jsonl_cached(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
-
-
 _WARNED_DUPLICATES: set[tuple[str, str, str]] = set()  # (task, split, first place) already reported
 
 
 class _Source:
     """Where a task's raw splits come from: local files, or the hub."""
 
-    def __init__(self, name: str, columns: Sequence[str], parse: Callable[[Row], Parsed]):
-        self.name, self.columns, self.parse = name, tuple(columns), parse
+    def __init__(self, name: str):
+        self.name = name
 
     def available(self) -> set[str]:
         raise NotImplementedError
@@ -163,24 +180,29 @@ class _Source:
     def describe(self, split: str) -> str:
         raise NotImplementedError
 
-    def examples(self, split: str) -> list[Example]:
+    def row_format(self, split: str) -> RowFormat:
+        """The format the rows of ``split`` are in."""
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        """``multiple_choice`` or ``generation``."""
+        raise NotImplementedError
+
+    def examples(self, split: str) -> list[Example] | list[GenerationExample]:
+        self.kind  # noqa: B018 -- a user task's files must all hold one kind of item
+        rows, fmt = self.rows(split), self.row_format(split)
+        first = rows[0] if rows and isinstance(self, _UserSource) else None
         examples, duplicated = [], []
-        for row in self.rows(split):
-            missing = [c for c in self.columns if c not in row.data]
-            if missing:
-                raise TaskDataError(
-                    f"task {self.name!r}: {row.where()}: missing column(s) {missing}; expected columns "
-                    f"{list(self.columns)}, found {sorted(row.data)}"
-                )
+        for row in rows:
             try:
-                context, question, choices, label = self.parse(row)
+                check_columns(row, fmt, first)
+                example = make_example(self.name, fmt, fmt.parse(row), row)
             except TaskDataError as err:
                 raise TaskDataError(f"task {self.name!r}: {err}") from None
-            # Source files carry stray whitespace (MCTest answers end in "\r"); it would leak into the answer tokens.
-            context = context.strip() if context else None
-            if _first_duplicate(choices) is not None:
+            if isinstance(example, Example) and _first_duplicate(example.choices) is not None:
                 duplicated.append(row.where())
-            examples.append(Example(self.name, context or None, question.strip(), [c.strip() for c in choices], label))
+            examples.append(example)
         # User tasks refuse these (_parse_user); a benchmark is kept as published, to compare. Said once per
         # file: a split is read again when validation is held out from train.
         if duplicated and (self.name, split, duplicated[0]) not in _WARNED_DUPLICATES:
@@ -200,7 +222,7 @@ class _Source:
 
 class _BuiltinSource(_Source):
     def __init__(self, spec: TaskSpec, data_dir: Path | None):
-        super().__init__(spec.name, spec.columns, spec.parse)
+        super().__init__(spec.name)
         self.spec, self.data_dir = spec, data_dir
         dirs = [spec.local_dir(data_dir, c) for c in spec.configs] if data_dir is not None else []
         # Local only when every config is there; a partial copy would silently drop rows.
@@ -210,6 +232,13 @@ class _BuiltinSource(_Source):
         if self.local_dirs:
             return {s for s in SPLITS if all((d / f"{s}.jsonl").is_file() for d in self.local_dirs)}
         return set(self.spec.hub_splits)
+
+    def row_format(self, split: str) -> RowFormat:
+        return self.spec.row_format
+
+    @property
+    def kind(self) -> str:
+        return self.spec.row_format.kind
 
     def describe(self, split: str) -> str:
         if self.local_dirs:
@@ -237,7 +266,9 @@ class _BuiltinSource(_Source):
                 f"split {split!r} failed: {type(err).__name__}: {err}"
             ) from err
         source = f"hub:{self.spec.hub_name}/{config}/{split}"
-        return (Row(source, i, dict(r)) for i, r in enumerate(dataset, start=1))
+        convert = self.spec.hub_convert or (lambda record: [record])
+        rows = (row for record in dataset for row in convert(dict(record)))
+        return (Row(source, i, r) for i, r in enumerate(rows, start=1))
 
 
 class _UserSource(_Source):
@@ -247,7 +278,7 @@ class _UserSource(_Source):
             name = path.parent.name if path.stem in SPLITS else path.stem
         else:
             name = path.name
-        super().__init__(name, USER_COLUMNS, _parse_user)
+        super().__init__(name)
         self.path = path
 
     def available(self) -> set[str]:
@@ -258,6 +289,33 @@ class _UserSource(_Source):
 
     def rows(self, split: str) -> list[Row]:
         return list(read_jsonl(self.files[split]))
+
+    def row_format(self, split: str) -> RowFormat:
+        rows = self.rows(split)
+        if not rows:  # an empty split: refused as empty by examples()
+            return MC_FORMAT
+        try:
+            return detect_format(rows[0])
+        except TaskDataError as err:
+            raise TaskDataError(f"task {self.name!r}: {err}") from None
+
+    @property
+    def kind(self) -> str:
+        """The kind of item of the task's files, which must all hold the same kind."""
+        formats = {split: self.row_format(split) for split in self.files if self.rows(split)}
+        kinds = {fmt.kind for fmt in formats.values()}
+        if len(kinds) > 1:
+            found = ", ".join(f"{self.files[s]} holds {f.name} rows ({f.kind})" for s, f in formats.items())
+            raise TaskDataError(
+                f"task {self.name!r}: its split files must hold the same kind of item (multiple choice or "
+                f"generation): {found}"
+            )
+        return kinds.pop() if kinds else MULTIPLE_CHOICE
+
+    def generation_defaults(self) -> GenerationSpec:
+        """ROUGE-L, 128 new tokens, no stop string; the chat template for chat rows (where the tokenizer has one)."""
+        formats = [self.row_format(split) for split in SPLITS if split in self.files]
+        return GenerationSpec("rouge_l", 128, (), "chat" if CHAT in formats[:1] else "plain")
 
 
 def _user_split_files(path: Path) -> dict[str, Path]:
@@ -297,6 +355,22 @@ def task_name(name: str) -> str:
 def task_family(name: str) -> str:
     """Prompt family of a task; user tasks use the passage family (its context part is dropped when absent)."""
     return TASKS[name].family if name in TASKS else "passage"
+
+
+def task_kind(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """``multiple_choice`` or ``generation``: a registry task's, or what a user task's files hold."""
+    if name in TASKS:
+        return TASKS[name].row_format.kind
+    return _source(name, resolve_data_dir(data_dir)).kind
+
+
+def generation_defaults(name: str) -> GenerationSpec | None:
+    """A generation task's default ``GenerationSpec`` (``None`` for a multiple-choice task); a user task's says
+    ``chat`` for chat rows, which the data module turns to ``plain`` for a tokenizer without a chat template."""
+    if name in TASKS:
+        return TASKS[name].generation
+    source = _source(name, None)
+    return source.generation_defaults() if source.kind == GENERATION else None
 
 
 def is_eval_only(name: str) -> bool:
@@ -369,26 +443,10 @@ def seeded_sample(examples: list, limit: int | None, seed: int) -> list:
     # anything else with a list to sample from (encoded items, say) has no task: a simple random sample
     spec = TASKS.get(getattr(examples[0], "task", None))
     if spec is not None and spec.stratum is not None and all(getattr(e, "task", None) == spec.name for e in examples):
-        keep = _stratified_indices([spec.stratum(e) for e in examples], limit, seed)
+        keep = stratified_indices([spec.stratum(e) for e in examples], limit, seed)
     else:
         keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
     return [examples[i] for i in keep]
-
-
-def _stratified_indices(strata: list[str], limit: int, seed: int) -> list[int]:
-    """``limit`` indices drawn within each stratum in proportion to its size (proportional allocation)."""
-    members: dict[str, list[int]] = {}
-    for i, stratum in enumerate(strata):
-        members.setdefault(stratum, []).append(i)
-    names = sorted(members)
-    quotas = {s: limit * len(members[s]) / len(strata) for s in names}
-    counts = {s: int(quotas[s]) for s in names}
-    # the seats left go to the largest remainders (Hamilton's method), so the counts sum to limit
-    by_remainder = sorted(names, key=lambda s: (counts[s] - quotas[s], names.index(s)))
-    for s in by_remainder[: limit - sum(counts.values())]:
-        counts[s] += 1
-    rng = random.Random(seed)
-    return sorted(i for s in names for i in rng.sample(members[s], counts[s]))
 
 
 def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None) -> list[Example]:
@@ -419,18 +477,15 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None) 
     return examples
 
 
-def load_predict_examples(path: str | os.PathLike) -> list[Example]:
-    """Questions to predict: user-task rows whose ``label`` may be missing (then recorded as -1)."""
+def load_predict_examples(path: str | os.PathLike) -> list[Example] | list[GenerationExample]:
+    """Items to predict, from a file in any user row format whose targets may be missing: a multiple-choice row
+    without ``label`` is recorded with label -1, a generation row without its target has no references."""
     rows = read_jsonl(path)
+    if not rows:
+        raise TaskDataError(f"{path}: no questions to predict")
+    fmt = detect_format(rows[0])
     examples = []
     for row in rows:
-        data = dict(row.data)
-        has_label = "label" in data
-        data.setdefault("label", 0)
-        context, question, choices, label = _parse_user(Row(row.source, row.line, data))
-        examples.append(
-            Example("predict", context, question.strip(), [c.strip() for c in choices], label if has_label else -1)
-        )
-    if not examples:
-        raise TaskDataError(f"{path}: no questions to predict")
+        check_columns(row, fmt, rows[0], predict=True)
+        examples.append(make_example("predict", fmt, fmt.parse(row, need_target=False), row))
     return examples

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..plots import heatmap_panels
+from .metrics import headline, headline_metric, is_generation, item_score
 from .ood import COMPARISON_HEADER, INTERVALS_NOTE, METHOD_ORDER, NAMES, against_base, method_comparisons, ood_section
 from .stats import mcnemar_exact, mean_sd
 
@@ -37,8 +38,8 @@ def load_records(results_dir: Path) -> list[dict]:
     for metrics_path in sorted(results_dir.glob("*/metrics.json")):
         record = json.loads(metrics_path.read_text())
         rows = [json.loads(line) for line in (metrics_path.parent / "predictions.jsonl").read_text().splitlines()]
-        record["predictions"] = {(r["task"], r["item"]): int(r["correct"]) for r in rows}
-        record["answers"] = {(r["task"], r["item"]): (int(r["pred"]), int(r["gold"])) for r in rows}
+        record["predictions"] = {(r["task"], r["item"]): item_score(r) for r in rows}  # 0/1, or a generation score
+        record["answers"] = {(r["task"], r["item"]): (int(r["pred"]), int(r["gold"])) for r in rows if "pred" in r}
         routing = metrics_path.parent / "routing.json"
         record["routing"] = json.loads(routing.read_text()) if routing.is_file() else None
         records.append(record)
@@ -104,7 +105,8 @@ def aggregate(
         f"`{results_dir}` (do not edit by hand). Accuracy in %, headline scoring (log-likelihood per "
         "character of each choice); mean ± s.d. over seeds; the average is over the in-domain tasks"
         + (f"; {', '.join(ood)}: out-of-domain (never trained on). " if ood else ". ")
-        + "Every method of a seed saw the same training batches and was tested on the same items.",
+        + "Every method of a seed saw the same training batches and was tested on the same items."
+        + generation_note(records),
         "",
     ]
     if expected_runs is not None:
@@ -123,22 +125,16 @@ def aggregate(
         params = runs[0].get("trainable_parameters")
         cells = [NAMES.get(method, method), setting, str(len(runs)), f"{params:,}" if params else "0"]
         cells += [
-            _mean_sd_cell([r["tasks"][t]["acc"] for r in runs]) if t in runs[0]["tasks"] else "–" for t in in_domain
+            _mean_sd_cell([headline(r["tasks"][t]) for r in runs]) if t in runs[0]["tasks"] else "–" for t in in_domain
         ]
-        averages = [np.mean([r["tasks"][t]["acc"] for t in in_domain]) for r in runs]
+        averages = [np.mean([headline(r["tasks"][t]) for t in in_domain]) for r in runs]
         cells.append(f"**{_mean_sd_cell(averages)}**")
-        cells += [_ood_cell([r["tasks"][t]["acc"] for r in runs if t in r["tasks"]], len(runs)) for t in ood]
+        cells += [_ood_cell([headline(r["tasks"][t]) for r in runs if t in r["tasks"]], len(runs)) for t in ood]
         lines.append("| " + " | ".join(cells) + " |")
     items_per_task = {t: int(r["tasks"][t]["items"]) for r in reversed(records) for t in r["tasks"]}
     items_per_task = {t: items_per_task[t] for t in [*in_domain, *ood] if t in items_per_task}
     lines += ["", "Test items per task: " + ", ".join(f"{t} {n}" for t, n in items_per_task.items()) + ".", ""]
-    other = [("sum of log-likelihoods", "acc_sum"), ("log-likelihood per token", "acc_token_norm")]
-    lines += ["Average accuracy under the other two scorings (mean over seeds):", ""]
-    lines += ["| method | setting | " + " | ".join(n for n, _ in other) + " |", "|---|---|" + "---|" * len(other)]
-    for key in keys:
-        runs = groups[key]
-        cells = [_pct(np.mean([np.mean([r["tasks"][t][s] for t in in_domain]) for r in runs])) for _, s in other]
-        lines.append(f"| {NAMES.get(key[0], key[0])} | {key[1]} | " + " | ".join(cells) + " |")
+    lines += _other_scorings(groups, keys, in_domain)
     # ---- training cost
     if trained:
         lines += ["", "Training (mean over runs): steps, real tokens seen, padding of the batches, wall time of "
@@ -189,13 +185,13 @@ def aggregate(
     ]
     base = groups.get(("base", "none"))
     if base and trained:
-        base_avg = np.mean([base[0]["tasks"][t]["acc"] for t in in_domain])
+        base_avg = np.mean([headline(base[0]["tasks"][t]) for t in in_domain])
         lines += ["", f"Each method against the zero-shot base ({_pct(base_avg)} average on the same items):", ""]
         lines += against_base(groups, in_domain, resamples)
         lines += ["", "Every run against the base (average, points):", ""]
         lines += ["| run | average | vs base |", "|---|---|---|"]
         for r in sorted(trained, key=lambda r: (r["setting"], METHOD_ORDER.index(r["method"]), r["seed"])):
-            avg = np.mean([r["tasks"][t]["acc"] for t in in_domain])
+            avg = np.mean([headline(r["tasks"][t]) for t in in_domain])
             lines.append(f"| {r['run']} | {_pct(avg)} | {100 * (avg - base_avg):+.1f} |")
     if ood:
         lines += ood_section(groups, keys, ood, resamples)
@@ -229,20 +225,60 @@ def aggregate(
     return text
 
 
+def generation_metrics(records: list[dict]) -> dict[str, str]:
+    """Task -> headline metric of the generation tasks of the records, in the order first met."""
+    out: dict[str, str] = {}
+    for r in records:
+        for task, metrics in r["tasks"].items():
+            if task not in out and is_generation(metrics):
+                out[task] = headline_metric(metrics)
+    return out
+
+
+def generation_note(records: list[dict]) -> str:
+    """The page's sentence on generation tasks (empty when every task is multiple choice)."""
+    metrics = generation_metrics(records)
+    if not metrics:
+        return ""
+    return (
+        " Generation tasks are scored on the greedy continuation instead, their cells being the task's metric in "
+        "% (" + ", ".join(f"{t}: {m}" for t, m in metrics.items()) + "); averages are over every task's headline "
+        "(accuracy or metric), and paired statistics take each item's score (0/1 for multiple choice and exact "
+        "match, a fraction for F1 or ROUGE-L)."
+    )
+
+
+def _other_scorings(groups: dict, keys: list, in_domain: list[str]) -> list[str]:
+    """The average under the other two multiple-choice scorings, over the multiple-choice in-domain tasks."""
+    other = [("sum of log-likelihoods", "acc_sum"), ("log-likelihood per token", "acc_token_norm")]
+    mc = [t for t in in_domain if all("acc" in r["tasks"].get(t, {"acc": 0}) for k in keys for r in groups[k])]
+    if not mc:
+        return []
+    only = "" if len(mc) == len(in_domain) else ", over the multiple-choice tasks only"
+    lines = [f"Average accuracy under the other two scorings (mean over seeds{only}):", ""]
+    lines += ["| method | setting | " + " | ".join(n for n, _ in other) + " |", "|---|---|" + "---|" * len(other)]
+    for key in keys:
+        runs = groups[key]
+        cells = [_pct(np.mean([np.mean([r["tasks"][t][s] for t in mc]) for r in runs])) for _, s in other]
+        lines.append(f"| {NAMES.get(key[0], key[0])} | {key[1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _accuracy_figure(groups: dict, keys: list, tasks: list[str]) -> Figure:
     fig = Figure(figsize=(max(6.0, 1.3 * len(tasks) + 2), 3.8), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
         runs = groups[key]
-        values = [[r["tasks"][t]["acc"] for r in runs if t in r["tasks"]] for t in tasks]
+        values = [[headline(r["tasks"][t]) for r in runs if t in r["tasks"]] for t in tasks]
         stats = [mean_sd(v) if v else (np.nan, 0.0) for v in values]
         x = np.arange(len(tasks)) + (j - (len(keys) - 1) / 2) * width
         ax.bar(x, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], capsize=2,
                label=f"{NAMES.get(key[0], key[0])} ({key[1]})" if key[1] != "none" else NAMES["base"])  # fmt: skip
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=20)
-    ax.set_ylabel("accuracy (%), mean ± s.d. over seeds")
+    generation = any(is_generation(r["tasks"][t]) for k in keys for r in groups[k] for t in tasks if t in r["tasks"])
+    ax.set_ylabel(("accuracy or metric" if generation else "accuracy") + " (%), mean ± s.d. over seeds")
     ax.legend(fontsize=7, ncols=2)
     return fig
 

@@ -5,6 +5,10 @@ scored item with its task, stable item id and correctness) and reports, per task
 average, the accuracy of both runs, their difference with a paired bootstrap interval over the items
 both runs scored, and the exact McNemar test. One seed per run: the interval covers which items were
 drawn, not seed-to-seed variation (the sweep's results page has the seed-aware one).
+
+A generation task's items carry a score in [0, 1] (exact match: 0/1; token F1, ROUGE-L: fractions): its
+"accuracy" is the mean score. McNemar's test needs 0/1 results, so where some score is a fraction only the
+paired bootstrap is given (and the output says so).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import is_binary, item_score
 from .stats import mcnemar_exact, paired_bootstrap
 
 SCORINGS = ("correct", "correct_sum", "correct_norm", "correct_token_norm")
@@ -34,9 +39,19 @@ def read_predictions(run: Path, stage: str) -> dict[tuple[str, str], dict]:
     return rows
 
 
+def item_value(row: dict, scoring: str, where: str) -> float:
+    """An item's result under ``scoring``: ``correct`` reads a generation row's score."""
+    if scoring == "correct":
+        return item_score(row)
+    if scoring not in row:
+        raise ValueError(f"{where}: task {row['task']!r} has no {scoring!r} (a generation task: use scoring correct)")
+    return float(row[scoring])
+
+
 def compare_runs(a: Path, b: Path, stage: str = "val", scoring: str = "correct", resamples: int = 2000) -> dict:
-    """Per task and macro average: accuracy of ``a`` and ``b`` (%), ``a - b`` with its 95% paired interval
-    over the shared items, and McNemar's discordant counts and p-value."""
+    """Per task and macro average: accuracy (generation: mean score) of ``a`` and ``b`` (%), ``a - b`` with its
+    95% paired interval over the shared items, and McNemar's discordant counts and p-value (``None`` where some
+    score is a fraction: the bootstrap only)."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
     rows_a, rows_b = read_predictions(a, stage), read_predictions(b, stage)
@@ -47,7 +62,8 @@ def compare_runs(a: Path, b: Path, stage: str = "val", scoring: str = "correct",
     arrays = {}
     for side, rows in (("a", rows_a), ("b", rows_b)):
         arrays[side] = {
-            t: np.array([[float(rows[key][scoring]) for key in shared if key[0] == t]]) for t in tasks
+            t: np.array([[item_value(rows[key], scoring, f"{side} ({stage})") for key in shared if key[0] == t]])
+            for t in tasks
         }  # (1 seed, items)
     result = {"stage": stage, "scoring": scoring, "items": len(shared),
               "only_a": len(set(rows_a) - set(rows_b)), "only_b": len(set(rows_b) - set(rows_a)), "tasks": {}}  # fmt: skip
@@ -55,7 +71,8 @@ def compare_runs(a: Path, b: Path, stage: str = "val", scoring: str = "correct",
         pick = tasks if task == "average" else [task]
         sub_a, sub_b = ({t: arrays[s][t] for t in pick} for s in ("a", "b"))
         diff, low, high = paired_bootstrap(sub_a, sub_b, resamples=resamples)
-        n_ab, n_ba, p = mcnemar_exact(sub_a, sub_b)
+        binary = is_binary([*sub_a.values(), *sub_b.values()])
+        n_ab, n_ba, p = mcnemar_exact(sub_a, sub_b) if binary else (None, None, None)
         result["tasks"][task] = {
             "items": int(sum(sub_a[t].shape[1] for t in pick)),
             "acc_a": 100 * float(np.mean([sub_a[t].mean() for t in pick])),
@@ -76,9 +93,18 @@ def format_comparison(result: dict, name_a: str, name_b: str) -> str:
         "| task | items | A % | B % | A - B (95% paired interval) | A right only | B right only | McNemar p |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    fractional = []
     for task, r in result["tasks"].items():
+        if r["mcnemar_p"] is None:
+            fractional.append(task)
+            mcnemar = "– | – | –"
+        else:
+            mcnemar = f"{r['a_only_right']} | {r['b_only_right']} | {r['mcnemar_p']:.3f}"
         lines.append(
             f"| {task} | {r['items']} | {r['acc_a']:.1f} | {r['acc_b']:.1f} | {r['diff']:+.1f} "
-            f"[{r['low']:+.1f}, {r['high']:+.1f}] | {r['a_only_right']} | {r['b_only_right']} | {r['mcnemar_p']:.3f} |"
+            f"[{r['low']:+.1f}, {r['high']:+.1f}] | {mcnemar} |"
         )
+    if fractional:
+        lines += ["", f"{', '.join(fractional)}: scores are fractions (generation metric), not 0/1: the paired "
+                  "bootstrap only, no McNemar test; A % and B % are mean scores."]  # fmt: skip
     return "\n".join(lines)

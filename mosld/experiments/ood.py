@@ -13,6 +13,7 @@ from itertools import combinations
 
 import numpy as np
 
+from .metrics import headline, is_binary
 from .stats import Comparison, compare, mean_sd
 
 METHOD_ORDER = ["base", "lora", "mola", "mosl", "mosld", "share_b"]
@@ -25,7 +26,8 @@ Runs = list[dict]
 
 
 def correctness(runs: Runs, tasks: list[str], items: dict[str, list[str]], weights=None) -> dict[str, np.ndarray]:
-    """``{task: (runs, items)}`` of 0/1 on the given item order, each item times ``weights[task]`` if given."""
+    """``{task: (runs, items)}`` of 0/1 (a generation task: scores in [0, 1]) on the given item order, each item
+    times ``weights[task]`` if given."""
     out = {}
     for t in tasks:
         array = np.array([[r["predictions"][(t, i)] for i in items[t]] for r in runs], dtype=float)
@@ -141,6 +143,8 @@ def _ood_task(groups: dict, keys: list, task: str, resamples: int) -> tuple[list
         return lines, [f"- {task}: whether *MoSLD forgets less than LoRA* is **not measured yet**: no record has "
                        f"{task} (the sweep tests the records that lack it)."]  # fmt: skip
     items = sorted(i for (t, i) in tested[0]["predictions"] if t == task)
+    if any((task, i) not in r["answers"] for r in tested for i in items):  # a generation task: no answer prior
+        return _ood_generation_task(lines, groups, keys, task, items, resamples)
     classes = len(LABELS.get(task, [])) or 1 + max(r["answers"][(task, i)][1] for r in tested for i in items)
     weights = {task: balanced_weights(tested, task, items, classes)}
     gold = answer_shares(tested, task, items, classes, column=1)
@@ -148,7 +152,7 @@ def _ood_task(groups: dict, keys: list, task: str, resamples: int) -> tuple[list
     lines += ["| method | seeds | accuracy | balanced accuracy | predicted answers |", "|---|---|---|---|---|"]
     present = {k: with_task(groups[k], task) for k in keys if with_task(groups[k], task)}
     for (method, _), runs in present.items():
-        acc = [r["tasks"][task]["acc"] for r in runs]
+        acc = [headline(r["tasks"][task]) for r in runs]
         bal = [correctness([r], [task], {task: items}, weights)[task].mean() for r in runs]
         lines.append(
             f"| {NAMES.get(method, method)} | {len(runs)} | {_cell(acc)} | {_cell(bal)} | "
@@ -162,6 +166,27 @@ def _ood_task(groups: dict, keys: list, task: str, resamples: int) -> tuple[list
                      f"{interval(balanced.seeds)} |")  # fmt: skip
     between = [(seeds, c.detectable) for label, (c, _, seeds) in comparisons.items() if "base" not in label]
     lines += power_line(between, f"{task} accuracy between methods")
+    lines += _per_run_rows(present, task, items, resamples)
+    return lines, _ood_claims(comparisons, task)
+
+
+def _ood_generation_task(lines: list[str], groups: dict, keys: list, task: str, items: list[str],
+                         resamples: int) -> tuple[list[str], list[str]]:  # fmt: skip
+    """An out-of-domain generation task's block: its metric per method and the paired comparisons (no label
+    prior: the answers are free text)."""
+    lines += ["", f"{len(items)} items, scored on the generated text.", ""]
+    lines += ["| method | seeds | score |", "|---|---|---|"]
+    present = {k: with_task(groups[k], task) for k in keys if with_task(groups[k], task)}
+    for (method, _), runs in present.items():
+        lines.append(
+            f"| {NAMES.get(method, method)} | {len(runs)} | {_cell([headline(r['tasks'][task]) for r in runs])} |"
+        )
+    comparisons = _ood_comparisons(present, task, items, None, resamples)
+    lines += ["", "| comparison | " + " | ".join(COMPARISON_HEADER) + " |", "|---|" + "---|" * 4]
+    for label, (plain, _, _) in comparisons.items():
+        lines.append(f"| {label} | " + " | ".join(comparison_cells(plain)) + " |")
+    between = [(seeds, c.detectable) for label, (c, _, seeds) in comparisons.items() if "base" not in label]
+    lines += power_line(between, f"{task} score between methods")
     lines += _per_run_rows(present, task, items, resamples)
     return lines, _ood_claims(comparisons, task)
 
@@ -184,10 +209,11 @@ def _ood_comparisons(present: dict, task: str, items: list[str], weights: dict, 
             continue
         several = len({k[1] for k in trained}) > 1
         label = f"{NAMES[a_key[0]]} − {NAMES[b_key[0]]}" + (f" ({a_key[1]})" if several else "")
-        plain, balanced = (
-            compare(correctness(a, [task], {task: items}, w), correctness(b, [task], {task: items}, w), resamples)
-            for w in (None, weights)
-        )
+        plain = compare(correctness(a, [task], {task: items}), correctness(b, [task], {task: items}), resamples)
+        balanced = None  # a generation task has no answer prior to balance
+        if weights is not None:
+            balanced = compare(correctness(a, [task], {task: items}, weights),
+                               correctness(b, [task], {task: items}, weights), resamples)  # fmt: skip
         out[label] = (plain, balanced, len(a))
     return out
 
@@ -202,7 +228,7 @@ def _per_run_rows(present: dict, task: str, items: list[str], resamples: int) ->
     for key, runs in present.items():
         for r in runs if key[0] != "base" else []:
             c = compare(correctness([r], [task], {task: items}), reference, resamples)
-            lines.append(f"| {r['run']} | {pct(r['tasks'][task]['acc'])} | {points(c.diff)} | {interval(c.items)} |")
+            lines.append(f"| {r['run']} | {pct(headline(r['tasks'][task]))} | {points(c.diff)} | {interval(c.items)} |")
     return lines
 
 
@@ -216,6 +242,11 @@ def _ood_claims(comparisons: dict, task: str) -> list[str]:
             claims.append(f"- {task}: *{claim}*: not tested (no records of both).")
         for label in labels:
             plain, balanced, _ = comparisons[label]
+            if balanced is None:  # a generation task: no balanced accuracy
+                claims.append(f"- {task}: *{claim}* **{plain.verdict()}** here ({label}: {points(plain.diff)} points, "
+                              f"95% interval over seeds and items {interval(plain.seeds)}; over items only "
+                              f"{interval(plain.items)}).")  # fmt: skip
+                continue
             claims.append(
                 f"- {task}: *{claim}* **{plain.verdict()}** here ({label}: {points(plain.diff)} points, 95% "
                 f"interval over seeds and items {interval(plain.seeds)}; over items only {interval(plain.items)}; "
@@ -243,9 +274,19 @@ def method_comparisons(
             ca, cb = correctness(a, in_domain, items), correctness(b, in_domain, items)
             c = compare(ca, cb, resamples)
             detectable.append((len(a), c.detectable))
+            cells = " | ".join(comparison_cells(c))
+            if not is_binary([*ca.values(), *cb.values()]):  # fractional scores: McNemar does not apply
+                rows.append(f"| {NAMES[better]} − {NAMES[worse]} | {setting} | {len(a)} | {cells} | – | – | – |")
+                sentences.append(
+                    f"- {setting}: *{claim}* **{c.verdict()}** here ({points(c.diff)} points, 95% interval over "
+                    f"seeds and items {interval(c.seeds)}, over items only {interval(c.items)}; no McNemar test: "
+                    "some scores are fractions, not 0/1)."
+                )
+                continue
             n_ab, n_ba, p = mcnemar(ca, cb)
-            rows.append(f"| {NAMES[better]} − {NAMES[worse]} | {setting} | {len(a)} | "
-                        + " | ".join(comparison_cells(c)) + f" | {n_ab} | {n_ba} | {p:.3g} |")  # fmt: skip
+            rows.append(
+                f"| {NAMES[better]} − {NAMES[worse]} | {setting} | {len(a)} | {cells} | {n_ab} | {n_ba} | {p:.3g} |"
+            )
             sentences.append(
                 f"- {setting}: *{claim}* **{c.verdict()}** here ({points(c.diff)} points, 95% interval over seeds "
                 f"and items {interval(c.seeds)}, over items only {interval(c.items)}; McNemar p = {p:.3g})."

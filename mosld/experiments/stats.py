@@ -3,7 +3,9 @@ intervals of the difference in macro-average accuracy (over items only, and over
 smallest difference a comparison can detect, and the exact McNemar test.
 
 Correctness is held as ``{task: array (seeds, items)}`` of 0/1, with the same item order (and seeds) for
-both methods of a comparison, so every statistic is paired by item and seed.
+both methods of a comparison, so every statistic is paired by item and seed. A generation task's items hold
+their score in [0, 1] instead: the means and bootstraps take it as it is; McNemar's test needs 0/1 results
+(``mosld.experiments.metrics.is_binary``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-Correctness = Mapping[str, np.ndarray]  # task -> (seeds, items) of 0/1
+Correctness = Mapping[str, np.ndarray]  # task -> (seeds, items) of 0/1 (or generation scores in [0, 1])
 _CHUNK = 250  # bootstrap resamples drawn at a time
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from ..data.tasks import is_eval_only, task_name
+from .metrics import record_average
 from .protocol import Protocol, Run
 from .topup import adapter_checkpoint, merge_into_record, read_test_dir, write_json
 
@@ -39,8 +40,6 @@ RECORD_CALLBACKS = (
     "mosld.training.AdapterExport",
 )
 ZERO_SHOT = "zero_shot"
-# accuracy under the headline scoring (per character), the sum of log-likelihoods, and per token
-SCORINGS = ("acc", "acc_sum", "acc_token_norm")
 METHOD_FIELDS = ("num_experts", "top_k", "share", "shared_dropout")
 
 
@@ -274,9 +273,7 @@ class Sweep:
             "tasks": tasks,
             "in_domain": in_domain,
             "out_of_domain": [t for t in tasks if t not in in_domain],
-            "average": {s: sum(tasks[t][s] for t in in_domain) / len(in_domain) for s in SCORINGS}
-            if in_domain
-            else None,
+            "average": record_average(tasks, in_domain) if in_domain else None,
             **times,
         }
         if train:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ..adapters.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from ..data.tasks import task_name
+from .metrics import record_average
 
 
 def write_json(path: Path, data: object) -> None:
@@ -80,9 +81,7 @@ def merge_into_record(record: Path, results: tuple[dict, list[str], dict], train
     metrics["out_of_domain"] = list(metrics["out_of_domain"]) + [t for t in tasks if t not in trained]
     metrics["in_domain"] = list(metrics["in_domain"]) + [t for t in tasks if t in trained]
     if metrics.get("average") and any(t in trained for t in tasks):  # an in-domain task added: a new average
-        in_domain = metrics["in_domain"]
-        metrics["average"] = {s: sum(metrics["tasks"][t][s] for t in in_domain) / len(in_domain)
-                              for s in metrics["average"]}  # fmt: skip
+        metrics["average"] = record_average(metrics["tasks"], metrics["in_domain"])
     metrics["test_seconds"] = metrics.get("test_seconds", 0.0) + note.get("test_seconds", 0.0)
     metrics["topped_up"] = [*metrics.get("topped_up", []), note]
     tmp = record.with_name(record.name + ".partial")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -50,22 +51,30 @@ class RouterStatsCallback(L.Callback):
     """Logs routing entropy and expert load to TensorBoard.
 
     Statistics are collected only on the logged training steps and over each validation and test
-    epoch, so the training hot path pays nothing otherwise. Scalars: ``router/entropy`` (mean over
-    layers), ``router/entropy/<layer>``, ``router/load/<layer>/e<i>`` (fraction of tokens whose
-    top-k holds expert i; sums to top_k) and ``router/load_max/<layer>``; a histogram of the loads;
-    figures: a labelled layer x expert heat-map of the load (``router/load_heatmap``) and, for
-    evaluation, one panel per task (``val_router/load_by_task``). Validation statistics go under
-    ``val_router/``, test statistics under ``test_router/``; evaluation's per-task loads are also
-    written to ``<run dir>/<stage>_routing.json`` (task -> layer -> load per expert, tokens).
+    epoch, so the training hot path pays nothing otherwise. Scalars, a few per logging point so that
+    the per-task metrics stay readable in the Scalars tab: ``router/entropy`` (mean over layers),
+    ``router/load_max`` and ``router/load_min`` (the largest and smallest expert load of any layer whose
+    router chooses, i.e. with more experts than top-k; the load of expert i is the fraction of tokens whose
+    top-k holds it, summing to top_k over a layer's experts, so top_k / experts is a balanced load).
+    Per-layer and per-expert detail is in a histogram of the loads and the figures: a labelled layer x
+    expert heat-map of the load (``router/load_heatmap``) and, for evaluation, one panel per task
+    (``val_router/load_by_task``). Validation statistics go under ``val_router/``, test statistics under
+    ``test_router/``; evaluation's per-task loads are also written to ``<run dir>/<stage>_routing.json``
+    (task -> layer -> load per expert, tokens).
 
     Args:
         every_n_steps: Collect and log training statistics on every n-th optimizer step.
-        per_expert_scalars: Also log each expert's load as its own scalar.
-        heatmap: Log the heat-map figures.
+        per_layer_scalars: Also log each layer's entropy and largest load as scalars
+            (``router/entropy/<layer>``, ``router/load_max/<layer>``): two per adapted layer.
+        per_expert_scalars: Also log each expert's load as its own scalar (``router/load/<layer>/e<i>``):
+            one per expert per layer, hundreds for the default run.
+        heatmap: Log the heat-map figures and the load histogram.
     """
 
-    def __init__(self, every_n_steps: int = 50, per_expert_scalars: bool = True, heatmap: bool = True) -> None:
+    def __init__(self, every_n_steps: int = 50, per_layer_scalars: bool = False, per_expert_scalars: bool = False,
+                 heatmap: bool = True) -> None:  # fmt: skip
         self.every_n_steps = every_n_steps
+        self.per_layer_scalars = per_layer_scalars
         self.per_expert_scalars = per_expert_scalars
         self.heatmap = heatmap
         self._task_stats: dict[int, dict] = {}
@@ -175,18 +184,7 @@ class RouterStatsCallback(L.Callback):
                 [s["load"].numel() + 1 for s in stats.values()]
             )
             stats = {name: {"load": v[:-1], "entropy": v[-1]} for name, v in zip(stats, parts, strict=True)}
-        metrics: dict[str, float] = {}
-        entropies = []
-        for name, s in stats.items():
-            layer = short_layer_name(name)
-            load, entropy = s["load"], s["entropy"]
-            entropies.append(float(entropy))
-            metrics[f"{prefix}/entropy/{layer}"] = float(entropy)
-            metrics[f"{prefix}/load_max/{layer}"] = float(load.max())
-            if self.per_expert_scalars:
-                for i, value in enumerate(load.tolist()):
-                    metrics[f"{prefix}/load/{layer}/e{i}"] = value
-        metrics[f"{prefix}/entropy"] = sum(entropies) / len(entropies)
+        metrics = router_scalars(stats, prefix, self.per_layer_scalars, self.per_expert_scalars)
         for logger in pl_module.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.heatmap:
@@ -204,6 +202,34 @@ class RouterStatsCallback(L.Callback):
         experiment.add_histogram(
             f"{prefix}/load", torch.cat([v.float().cpu() for v in loads.values()]), trainer.global_step
         )
+
+
+def router_scalars(stats: dict, prefix: str, per_layer: bool = False, per_expert: bool = False) -> dict[str, float]:
+    """The scalars of one logging point from per-layer ``{"load": (N,), "entropy": ()}`` statistics.
+
+    Always ``<prefix>/entropy`` (mean over layers) and, where some layer's router chooses (more experts than
+    top-k; the loads of a layer sum to top-k), ``<prefix>/load_max`` and ``<prefix>/load_min`` over those
+    layers' experts; per layer and per expert only when asked.
+    """
+    metrics: dict[str, float] = {}
+    entropies, choosing = [], []
+    for name, s in stats.items():
+        layer = short_layer_name(name)
+        load, entropy = s["load"], float(s["entropy"])
+        entropies.append(entropy)
+        if len(load) > round(float(load.sum())) > 0:  # top-k = the loads' sum; all chosen: load 1 by construction
+            choosing.append(load)
+        if per_layer:
+            metrics[f"{prefix}/entropy/{layer}"] = entropy
+            metrics[f"{prefix}/load_max/{layer}"] = float(load.max())
+        if per_expert:
+            for i, value in enumerate(load.tolist()):
+                metrics[f"{prefix}/load/{layer}/e{i}"] = value
+    metrics[f"{prefix}/entropy"] = sum(entropies) / len(entropies)
+    if choosing:
+        metrics[f"{prefix}/load_max"] = max(float(v.max()) for v in choosing)
+        metrics[f"{prefix}/load_min"] = min(float(v.min()) for v in choosing)
+    return metrics
 
 
 def layer_expert_grid(loads: dict[str, torch.Tensor]) -> tuple[np.ndarray, list[str]]:
@@ -293,24 +319,39 @@ class EvalSummary(L.Callback):
             return
         when = "before training" if trainer.sanity_checking else f"step {trainer.global_step}"
         self.history.append({"stage": stage, "step": trainer.global_step, "when": when, **metrics})
-        tasks = sorted({k.split("/")[1] for k in metrics if k.count("/") == 2})
-        lines = [
-            f"{stage} ({when}): acc_avg {metrics[f'{stage}/acc_avg']:.3f} ± {metrics[f'{stage}/acc_avg_ci95']:.3f}, "
-            f"answer_loss {metrics[f'{stage}/answer_loss']:.4f}"
-        ]
-        for t in tasks:
-            lines.append(
-                f"  {t:>16}: acc {metrics[f'{stage}/{t}/acc']:.3f} ± {metrics[f'{stage}/{t}/acc_ci95']:.3f} "
-                f"(n={int(metrics[f'{stage}/{t}/items'])}), answer_loss {metrics[f'{stage}/{t}/answer_loss']:.4f}"
-            )
-        rank_zero_info("\n".join(lines))
+        rank_zero_info(eval_summary_text(metrics, stage, when))
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval_metrics.json").write_text(json.dumps(json_safe(self.history), indent=2, allow_nan=False) + "\n")
 
 
+def natural_key(name: str) -> list:
+    """Sort key putting numbered names in numeric order (babi_qa2 before babi_qa10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def eval_summary_text(metrics: dict[str, float], stage: str, when: str) -> str:
+    """The printed summary of one evaluation: the headline average(s), then each task's headline metric
+    (multiple choice: accuracy; generation: its metric) with its interval and item count."""
+    averages = [(name, metrics[f"{stage}/{name}"], metrics[f"{stage}/{name}_ci95"])
+                for name in ("score_avg", "acc_avg") if f"{stage}/{name}" in metrics]  # fmt: skip
+    head = [f"{name} {value:.3f} ± {ci:.3f}" for name, value, ci in averages]
+    if f"{stage}/answer_loss" in metrics:
+        head.append(f"answer_loss {metrics[f'{stage}/answer_loss']:.4f}")
+    lines = [f"{stage} ({when}): " + ", ".join(head)]
+    for t in sorted({k.split("/")[1] for k in metrics if k.count("/") == 2}, key=natural_key):
+        task = {k.split("/")[2]: v for k, v in metrics.items() if k.count("/") == 2 and k.split("/")[1] == t}
+        name = "acc" if "acc" in task else next(k for k in task if k != "items" and not k.endswith("_ci95"))
+        line = f"  {t:>16}: {name} {task[name]:.3f} ± {task[f'{name}_ci95']:.3f} (n={int(task['items'])})"
+        if "answer_loss" in task:
+            line += f", answer_loss {task['answer_loss']:.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predict`` results as JSONL: one line per question with the predicted choice and
-    every choice's scores (sum log-likelihood and length-normalised)."""
+    every choice's scores (sum log-likelihood and length-normalised), or, for a generation task, the
+    generated text (and the references the question came with)."""
 
     def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="epoch")

@@ -1,7 +1,8 @@
 """The LightningModule: a base causal LM with MoSLD adapters, trained on the answer tokens.
 
 It knows nothing of files or task formats: it receives batches from the data module
-(``mosld.data``) and scores evaluation batches with ``mosld.evaluation.score_batch``.
+(``mosld.data``) and scores evaluation batches with ``mosld.evaluation.score_batch`` (multiple choice) or
+by generating (``mosld.evaluation.generation``; a generation batch has ``references``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from ..adapters.checkpointing import enable_gradient_checkpointing
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
 from ..evaluation import answer_logits, score_batch, supports_prompt_sharing
+from ..evaluation.generation import generate_batch, score_generations
 from ..models import load_base_model
 from ..quantization import QuantizationConfig
+from .eval_sums import add_generation, add_multiple_choice, eval_metrics, headline_key, new_sums
 from .resume import adopt_optimizer_options
 
 
@@ -33,8 +36,9 @@ def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tens
     return torch.nn.functional.cross_entropy(logits.float(), targets)  # fp32 like the models' own loss
 
 
-# Per-task sums accumulated over an evaluation epoch, reduced across ranks at its end.
-_SUMS = ("items", "correct", "correct_sum", "correct_norm", "correct_token_norm", "gold_loss_sum", "gold_tokens")
+def is_generation_batch(batch: dict) -> bool:
+    """A generation task's evaluation batch (prompts and references) rather than a multiple-choice one."""
+    return "references" in batch
 
 
 class MoSLDModule(L.LightningModule):
@@ -84,7 +88,8 @@ class MoSLDModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         # Checkpoints hold only adapter tensors, so the frozen base keys are absent on load.
         self.strict_loading = False
-        self._sums: dict[str, Tensor] = {}
+        self._sums: dict[str, Tensor] = {}  # per-task sums of an evaluation epoch (mosld.training.eval_sums)
+        self._metric_names: dict[int, str] = {}  # generation task index -> metric name, from the batches seen
 
     def configure_model(self) -> None:
         """Load the base and inject adapters; runs once, inside the strategy's context (FSDP)."""
@@ -185,8 +190,18 @@ class MoSLDModule(L.LightningModule):
         return list(names)
 
     def _reset_sums(self) -> None:
-        n = len(self._task_names())
-        self._sums = {k: torch.zeros(n, dtype=torch.float64, device=self.device) for k in _SUMS}
+        self._sums = new_sums(len(self._task_names()), self.device)
+
+    def generation_metrics(self) -> dict[int, str]:
+        """Task index -> metric name of the generation tasks (the data module's specs; else the batches seen)."""
+        names = dict(self._metric_names)
+        spec_of = getattr(getattr(self.trainer, "datamodule", None), "generation_spec", None)
+        if callable(spec_of):
+            for i in range(len(self._task_names())):
+                spec = spec_of(i)
+                if spec is not None:
+                    names[i] = spec.metric
+        return names
 
     def on_validation_epoch_start(self) -> None:
         self._reset_sums()
@@ -196,51 +211,39 @@ class MoSLDModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
 
-    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        """Adds the batch to the per-task sums; returns the per-item scores (for callbacks that keep them)."""
+    def generate(self, batch: dict) -> list[str]:
+        """Greedy continuations of a generation batch's prompts (``mosld.evaluation.generation``)."""
+        return generate_batch(self.model, batch, self.trainer.datamodule.tokenizer)
+
+    def _score_generation(self, batch: dict) -> tuple[list[str], Tensor]:
+        texts = self.generate(batch)
+        scores = score_generations(texts, batch["references"], batch["generation"].metric)
+        return texts, torch.tensor(scores, dtype=torch.float64, device=self.device)
+
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> dict:
+        """Adds the batch to the per-task sums; returns the per-item scores (for callbacks that keep them):
+        a multiple-choice batch's predictions and correctness, a generation batch's texts and scores."""
+        if is_generation_batch(batch):
+            texts, scores = self._score_generation(batch)
+            self._metric_names[dataloader_idx] = batch["generation"].metric
+            add_generation(self._sums, dataloader_idx, scores)
+            return {"generated": texts, "score": scores}
         scores = score_batch(self.model, batch, share_prompt=self._share_prompt)
-        sums = self._sums
-        sums["items"][dataloader_idx] += scores["correct"].numel()
-        for key in _SUMS[1:]:
-            sums[key][dataloader_idx] += scores[key].sum().double()
+        add_multiple_choice(self._sums, dataloader_idx, scores)
         return {key: scores[key] for key in ("pred", "correct", "correct_sum", "correct_norm", "correct_token_norm")}
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         return self._eval_step(batch, dataloader_idx)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         return self._eval_step(batch, dataloader_idx)
 
     def eval_metrics(self, stage: str) -> dict[str, float]:
-        """Per-task accuracy (headline, sum and length-normalised scoring), its 95% interval and
-        the answer-token loss, reduced over all ranks; keys are identical on every rank."""
+        """Per-task metrics reduced over all ranks (``mosld.training.eval_sums.eval_metrics``): multiple-choice
+        accuracy under each scoring with its 95% interval and the answer-token loss, a generation task's metric
+        with its interval; keys are identical on every rank."""
         sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._sums.items()}
-        metrics: dict[str, float] = {}
-        accs, losses = [], []
-        for i, task in enumerate(self._task_names()):
-            n = float(sums["items"][i])
-            if n == 0:
-                raise RuntimeError(f"{stage}: task {task!r} has no evaluation items")
-            acc = float(sums["correct"][i]) / n
-            metrics[f"{stage}/{task}/acc"] = acc
-            metrics[f"{stage}/{task}/acc_ci95"] = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
-            metrics[f"{stage}/{task}/acc_sum"] = float(sums["correct_sum"][i]) / n
-            metrics[f"{stage}/{task}/acc_norm"] = float(sums["correct_norm"][i]) / n
-            metrics[f"{stage}/{task}/acc_token_norm"] = float(sums["correct_token_norm"][i]) / n
-            metrics[f"{stage}/{task}/items"] = n
-            loss = float(sums["gold_loss_sum"][i]) / max(float(sums["gold_tokens"][i]), 1.0)
-            metrics[f"{stage}/{task}/answer_loss"] = loss
-            accs.append(acc)
-            losses.append(loss)
-        metrics[f"{stage}/acc_avg"] = sum(accs) / len(accs)
-        # Interval of the macro average: tasks are independent samples.
-        metrics[f"{stage}/acc_avg_ci95"] = math.sqrt(
-            sum(metrics[f"{stage}/{t}/acc_ci95"] ** 2 for t in self._task_names())
-        ) / len(accs)
-        metrics[f"{stage}/answer_loss"] = float(sums["gold_loss_sum"].sum()) / max(
-            float(sums["gold_tokens"].sum()), 1.0
-        )
-        return metrics
+        return eval_metrics(stage, self._task_names(), sums, self.generation_metrics())
 
     def _log_eval(self, stage: str) -> None:
         metrics = self.eval_metrics(stage)
@@ -252,7 +255,7 @@ class MoSLDModule(L.LightningModule):
             logger.log_metrics(metrics, step=self.global_step)
         if not self.trainer.sanity_checking:  # Lightning drops self.log there
             for key, value in metrics.items():  # for checkpoint monitors and the progress bar
-                self.log(key, value, prog_bar=key.endswith("acc_avg"), logger=False)
+                self.log(key, value, prog_bar=key == headline_key(stage, metrics), logger=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -261,8 +264,12 @@ class MoSLDModule(L.LightningModule):
         self._log_eval("test")
 
     # ------------------------------------------------------------------ predict
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        """One row per question: the predicted choice (headline scoring) and every choice's scores."""
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """One row per question: the predicted choice (headline scoring) and every choice's scores; for a
+        generation batch, the generated text (and the references, when the row came with some)."""
+        if is_generation_batch(batch):
+            return [{"generated": text, "references": list(refs)} if refs else {"generated": text}
+                    for text, refs in zip(self.generate(batch), batch["references"], strict=True)]  # fmt: skip
         scores = score_batch(self.model, batch, share_prompt=supports_prompt_sharing(self.base))
         rows = [{"prediction": int(p), "label": int(g), "logprob": [], "logprob_per_char": []}
                 for p, g in zip(scores["pred"].tolist(), batch["gold"].tolist(), strict=True)]  # fmt: skip

@@ -1,7 +1,8 @@
 """Callbacks that write a run's record for later analysis: every scored test item, and the training curve.
 
 ``ItemPredictionWriter`` writes ``<run dir>/<stage>_predictions.jsonl`` (one line per scored item: task,
-stable item id, predicted and gold choice, whether each scoring got it right); ``TrainRecord`` writes
+stable item id, predicted and gold choice, whether each scoring got it right; for a generation task the
+generated text, the references and the score, ``correct`` being the score too); ``TrainRecord`` writes
 ``<run dir>/train_record.json`` (loss per step, tokens seen, padding, wall time, parameter counts,
 machine). Both write on rank 0 only, after gathering what the other ranks hold.
 """
@@ -52,6 +53,11 @@ def precision_reason(trainer) -> str:
 class ItemPredictionWriter(L.Callback):
     """Keeps the prediction of every evaluation item and writes them when the epoch ends.
 
+    A multiple-choice row: ``{"task", "item", "pred", "gold", "correct", "correct_sum", "correct_norm",
+    "correct_token_norm"}`` (booleans); a generation row: ``{"task", "item", "generated", "references",
+    "score", "correct"}`` with ``correct`` = ``score``, a float in [0, 1], so that paired statistics read any
+    task's per-item result from ``correct``.
+
     Args:
         stages: Evaluation stages to record (``test``, ``val``).
     """
@@ -68,6 +74,12 @@ class ItemPredictionWriter(L.Callback):
         if stage not in self.stages or not outputs or "item_ids" not in batch:
             return
         task = trainer.datamodule.task_names[dataloader_idx]
+        if "generated" in outputs:  # a generation task: the text, its references and its score (in [0, 1])
+            for item, text, refs, score in zip(batch["item_ids"], outputs["generated"], batch["references"],
+                                               outputs["score"].tolist(), strict=True):  # fmt: skip
+                self._rows.append({"task": task, "item": item, "generated": text, "references": list(refs),
+                                   "score": float(score), "correct": float(score)})  # fmt: skip
+            return
         for i, item in enumerate(batch["item_ids"]):
             self._rows.append({
                 "task": task, "item": item, "pred": int(outputs["pred"][i]), "gold": int(batch["gold"][i]),

@@ -246,9 +246,13 @@ def evaluate(
     templates: dict[str, str] | None = None,
     max_new_tokens: int = 32,
     share_prompt: bool | None = None,
+    generation: dict[str, dict[str, Any]] | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Zero-shot (or fine-tuned) multiple-choice accuracy of a causal LM, without Lightning.
+    """Zero-shot (or fine-tuned) accuracy of a causal LM on multiple-choice and generation tasks, without Lightning.
+
+    A task whose examples carry ``references`` (generation examples) is decoded greedily
+    (``mosld.evaluation.generation``) and scored by its spec's metric; the others are multiple choice.
 
     Args:
         model: Causal LM (any device); put in eval mode for the call and restored afterwards.
@@ -266,12 +270,17 @@ def evaluate(
         max_new_tokens: Generation length for ``method="generate"``.
         share_prompt: Score choices on a shared prompt KV cache (see ``score_batch``); default: when the model
             supports it.
+        generation: Per generation task name, ``GenerationSpec`` fields overriding the task's defaults
+            (e.g. ``{"my_task": {"metric": "token_f1", "max_new_tokens": 64}}``).
         verbose: Print one line per task as it finishes.
 
     Returns:
         ``{"accuracy": {task: headline accuracy}, "macro_accuracy": float, "metrics": {task: {"accuracy_sum",
         "accuracy_norm", "accuracy_token_norm", "num_items", "seconds"}}, "macro": {variant: float},
         "headline": str, "split": str}``. With ``method="generate"`` the headline is ``accuracy_generate``.
+        A generation task's metrics are ``{metric: mean score, "num_items", "seconds"}``, its accuracy the
+        mean score; with any generation task the result also has ``"headlines": {task: metric}``, and
+        ``macro_accuracy`` is the mean of the tasks' headlines (``macro``: each variant over the tasks having it).
     """
     if method not in ("loglik", "generate"):
         raise ValueError(f"method: expected 'loglik' or 'generate', got {method!r}")
@@ -279,11 +288,23 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics: dict[str, dict[str, float]] = {}
+    generation_metric: dict[str, str] = {}  # generation task -> its metric (its headline)
     try:
         for task_id, task in enumerate(tasks):
             started = time.perf_counter()
             name = task_name(task)
             examples = seeded_sample(load_task(task, split, data_dir), limit, EVAL_SAMPLE_SEED)
+            if examples and hasattr(examples[0], "references"):  # a generation task
+                from .generation import evaluate_generation
+
+                result, num_items = evaluate_generation(
+                    model, tokenizer, task, examples, (generation or {}).get(name), batch_size, max_length
+                )
+                generation_metric[name] = next(iter(result))
+                metrics[name] = {**result, "num_items": num_items, "seconds": time.perf_counter() - started}
+                if verbose:
+                    print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[name].items()), flush=True)
+                continue
             template = get_template(templates.get(name, FAMILY_TEMPLATES[task_family(task)]))
             items = encode_examples(examples, tokenizer, template, max_length)
             if method == "generate":
@@ -302,6 +323,8 @@ def evaluate(
         model.train(was_training)
     headline = "accuracy_generate" if method == "generate" else HEADLINE
     variants = [headline] if method == "generate" else list(SCORINGS)
+    if generation_metric:
+        return _mixed_result(metrics, generation_metric, headline, variants, split)
     macro = {v: sum(m[v] for m in metrics.values()) / len(metrics) for v in variants}
     return {
         "accuracy": {name: m[headline] for name, m in metrics.items()},
@@ -309,6 +332,32 @@ def evaluate(
         "metrics": metrics,
         "macro": macro,
         "headline": headline,
+        "split": split,
+    }
+
+
+def _mixed_result(
+    metrics: dict[str, dict[str, float]],
+    generation_metric: dict[str, str],
+    headline: str,
+    variants: list[str],
+    split: str,
+) -> dict[str, Any]:
+    """``evaluate``'s result when some tasks are generation tasks: each task's own headline."""
+    headlines = {name: generation_metric.get(name, headline) for name in metrics}
+    accuracy = {name: metrics[name][headlines[name]] for name in metrics}
+    macro = {}
+    for variant in [*variants, *dict.fromkeys(generation_metric.values())]:
+        values = [m[variant] for m in metrics.values() if variant in m]
+        if values:
+            macro[variant] = sum(values) / len(values)
+    return {
+        "accuracy": accuracy,
+        "macro_accuracy": sum(accuracy.values()) / len(accuracy),
+        "metrics": metrics,
+        "macro": macro,
+        "headline": headline,
+        "headlines": headlines,
         "split": split,
     }
 
