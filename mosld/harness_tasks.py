@@ -22,8 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from mosld.data.formats import MULTIPLE_CHOICE
 from mosld.data.prompts import FAMILY_TEMPLATES, PromptTemplate, get_template
-from mosld.data.tasks import EVAL_SAMPLE_SEED, Example, load_task, seeded_sample, task_family, task_name
+from mosld.data.tasks import EVAL_SAMPLE_SEED, Example, load_task, seeded_sample, task_family, task_kind, task_name
 
 PREFIX = "mosld_"
 # acc: summed log-likelihood; acc_norm: per character of the choice; acc_bytes: per UTF-8 byte of it.
@@ -72,6 +73,11 @@ def export_task(
             scores.
         template: Prompt template (default: the task family's, as mosld evaluates).
     """
+    if task_kind(task, data_dir) != MULTIPLE_CHOICE:
+        raise ValueError(
+            f"task {task!r} is a generation task: harness_tasks exports multiple-choice tasks only (score a "
+            "generation task with mosld.evaluate or `main.py test`; lm-evaluation-harness has its own bAbI and GSM8K)"
+        )
     template = get_template(template or FAMILY_TEMPLATES[task_family(task)])
     examples = seeded_sample(load_task(task, split, data_dir), limit, EVAL_SAMPLE_SEED)
     name = PREFIX + task_name(task)

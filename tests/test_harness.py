@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import EXAMPLE_TASK
+from helpers import EXAMPLE_TASK, REPO
 
 import mosld
 from mosld.data.datamodule import eval_loader
@@ -125,6 +125,12 @@ def test_export_task_writes_mosld_prompts_and_harness_choices(tmp_path):
     # A passage task's prompt carries the passage, as mosld renders it.
     passage = type(example)("t", "Once upon a time.", "Who?", ["a", "b"], 0)
     assert harness_row(passage, get_template("passage"))["prompt"] == "Once upon a time.\n\nQ: Who?\nA:"
+
+
+def test_export_task_refuses_a_generation_task_by_name(tmp_path):
+    with pytest.raises(ValueError, match="'.*example_instructions' is a generation task: harness_tasks exports"):
+        export_task(str(REPO / "data" / "example_instructions"), tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_bad_run_path_names_the_option_and_the_missing_file(tmp_path, capsys):
