@@ -176,3 +176,12 @@ def test_score_generations_checks_its_arguments():
     with pytest.raises(ValueError, match="1 texts but 2"):
         score_generations(["a"], [["a"], ["b"]], "exact_match")
     assert score_generations(["B", "c"], [["b"], ["d"]], "exact_match") == [1.0, 0.0]
+
+
+def test_every_floor_names_the_same_metrics():
+    # the data floor checks names without importing evaluation; the records rank the same names as headlines
+    from mosld.data.generation import METRIC_NAMES
+    from mosld.evaluation.metrics import METRICS
+    from mosld.experiments.metrics import GENERATION_METRICS
+
+    assert set(METRIC_NAMES) == set(METRICS) == set(GENERATION_METRICS)
