@@ -14,8 +14,9 @@ from helpers import EXAMPLE_TASK, REPO
 
 from mosld.experiments import binomial_two_sided, load_protocol, mcnemar_exact, mean_sd, paired_bootstrap
 from mosld.experiments.__main__ import main as experiments_main
-from mosld.experiments.aggregate import aggregate, depth_quartiles, routing_top_k, task_routing_distances
+from mosld.experiments.aggregate import aggregate
 from mosld.experiments.protocol import parse_only
+from mosld.experiments.routing import depth_quartiles, routing_top_k, specialisation_verdict, task_routing_distances
 from mosld.experiments.stats import compare, detectable_difference, hierarchical_bootstrap
 
 
@@ -485,3 +486,49 @@ def test_results_page_of_exact_match_tasks_keeps_mcnemar(tmp_path):
     page = aggregate(results, tmp_path / "results.md", resamples=300, test_tasks=["arc", "qa", "gsm"])
     row = next(line for line in page.splitlines() if line.startswith("| MoSLD − LoRA | mixture |"))
     assert not row.endswith("| – | – | – |") and "McNemar p = " in page  # 0/1 scores: McNemar applies
+
+
+def test_specialisation_verdict_against_the_untrained_router():
+    assert specialisation_verdict([0.04, 0.05], 0.06).startswith("below the untrained router's 0.060 in every seed")
+    assert specialisation_verdict([0.07, 0.08], 0.06).startswith("above the untrained router's 0.060 in every seed")
+    assert specialisation_verdict([0.05, 0.07], 0.06).endswith("no consistent specialisation")
+
+
+def _routing(tasks: list[str], disjoint: bool) -> dict:
+    """Top-2 of 4 experts in one layer: every task on experts 0-1, or (disjoint) alternate tasks on 2-3."""
+    return {t: {"model.layers.0.q_proj": {"load": [0.0, 0.0, 1.0, 1.0] if disjoint and k % 2 else [1.0, 1.0, 0.0, 0.0],
+                                          "tokens": 10}} for k, t in enumerate(tasks)}  # fmt: skip
+
+
+def test_results_page_of_many_generation_tasks_splits_the_table_and_judges_routing(tmp_path):
+    # 12 exact-match tasks and one set-match task; the untrained router (zero-shot record) splits the tasks
+    # between disjoint experts, the trained MoSLD runs route every task alike: routing less task-specific.
+    rng = np.random.default_rng(1)
+    tasks = [f"qa{k}" for k in range(1, 14)]
+    metrics = {t: "set_match" if t == "qa8" else "exact_match" for t in tasks}
+    results = tmp_path / "results"
+    for run, method, seed in [("zero_shot", "base", -1), ("lora-mixture-seed0", "lora", 0),
+                              ("mosld-mixture-seed0", "mosld", 0), ("mosld-mixture-seed1", "mosld", 1)]:  # fmt: skip
+        scores = {t: rng.integers(0, 2, 10).tolist() for t in tasks}
+        _write_generation_record(results, run, method, seed, scores, metrics, tasks)
+        if method != "lora":
+            routing = _routing(tasks, disjoint=method == "base")
+            (results / run / "routing.json").write_text(json.dumps(routing))
+    page = aggregate(results, tmp_path / "results.md", resamples=200, test_tasks=tasks)
+    assert "Scores in %: each task's metric on the greedy continuation;" in page and "headline scoring" not in page
+    assert "(set_match: qa8; exact_match: the other 12)" in page and "instead" not in page
+    assert "| method | setting | seeds | trainable params | avg |" in page  # no task columns
+    assert "| task | base (zero-shot) | LoRA (mixture) | MoSLD (mixture) |" in page
+    mosld_qa1 = [json.loads((results / f"mosld-mixture-seed{k}" / "metrics.json").read_text())["tasks"]["qa1"]
+                 for k in (0, 1)]  # fmt: skip
+    qa1_row = next(line for line in page.splitlines() if line.startswith("| qa1 | "))
+    assert qa1_row.split(" | ")[-1].startswith(
+        f"{50 * (mosld_qa1[0]['exact_match'] + mosld_qa1[1]['exact_match']):.1f} ± "
+    )
+    assert "out-of-domain claims" not in page  # no out-of-domain task
+    # 7 tasks on experts 0-1 and 6 on 2-3: distances 12/26 and 14/26 from the mean load, 0.497 on average
+    assert (
+        "| untrained router (`zero_shot` record, seed-0 initialisation) | 0.497 | 0.462 (qa1) | 0.538 (qa2) |" in page
+    )
+    assert "| `mosld-mixture-seed1` | 0.000 | 0.000 (qa1) | 0.000 (qa1) |" in page
+    assert "below the untrained router's 0.497 in every seed" in page and "decoded, which differ" in page
