@@ -489,8 +489,12 @@ def test_results_page_of_exact_match_tasks_keeps_mcnemar(tmp_path):
 
 
 def test_specialisation_verdict_against_the_untrained_router():
-    assert specialisation_verdict([0.04, 0.05], 0.06).startswith("below the untrained router's 0.060 in every seed")
-    assert specialisation_verdict([0.07, 0.08], 0.06).startswith("above the untrained router's 0.060 in every seed")
+    assert specialisation_verdict([0.04, 0.05], 0.06).startswith(
+        "below the untrained router's 0.060 in every seed, by 0.010-0.020"
+    )
+    assert specialisation_verdict([0.07, 0.08], 0.06).startswith(
+        "above the untrained router's 0.060 in every seed, by 0.010-0.020"
+    )
     assert specialisation_verdict([0.05, 0.07], 0.06).endswith("no consistent specialisation")
 
 
@@ -527,8 +531,29 @@ def test_results_page_of_many_generation_tasks_splits_the_table_and_judges_routi
     )
     assert "out-of-domain claims" not in page  # no out-of-domain task
     # 7 tasks on experts 0-1 and 6 on 2-3: distances 12/26 and 14/26 from the mean load, 0.497 on average
-    assert (
-        "| untrained router (`zero_shot` record, seed-0 initialisation) | 0.497 | 0.462 (qa1) | 0.538 (qa2) |" in page
-    )
+    assert "| untrained router (`zero_shot` record) | 0.497 | 0.462 (qa1) | 0.538 (qa2) |" in page
     assert "| `mosld-mixture-seed1` | 0.000 | 0.000 (qa1) | 0.000 (qa1) |" in page
-    assert "below the untrained router's 0.497 in every seed" in page and "decoded, which differ" in page
+    assert (
+        "below the untrained router's 0.497 in every seed, by 0.497-0.497" in page and "decoded, which differ" in page
+    )
+
+
+def test_the_routing_reference_leaves_out_tasks_a_top_up_added_to_the_base(tmp_path):
+    # The base's first pass routed qa1-qa4 alike; a later top-up of qa5 ran with another router initialisation
+    # (disjoint experts). The reference and the trained runs are measured on qa1-qa4 only.
+    tasks = [f"qa{k}" for k in range(1, 6)]
+    metrics = dict.fromkeys(tasks, "exact_match")
+    results = tmp_path / "results"
+    for run, method, seed in [("zero_shot", "base", -1), ("mosld-mixture-seed0", "mosld", 0)]:
+        _write_generation_record(results, run, method, seed, {t: [1, 0] for t in tasks}, metrics, tasks)
+        routing = _routing(tasks, disjoint=False)
+        if method == "base":
+            routing["qa5"]["model.layers.0.q_proj"]["load"] = [0.0, 0.0, 1.0, 1.0]
+            record = json.loads((results / run / "metrics.json").read_text())
+            record["topped_up"] = [{"tasks": ["qa5"], "from": "base model"}]
+            (results / run / "metrics.json").write_text(json.dumps(record))
+        (results / run / "routing.json").write_text(json.dumps(routing))
+    page = aggregate(results, tmp_path / "results.md", resamples=100, test_tasks=tasks)
+    assert "leaving out qa5 (topped up in another pass of the base)" in page
+    assert "| untrained router (`zero_shot` record) | 0.000 | 0.000 (qa1) | 0.000 (qa1) |" in page  # not 0.32
+    assert "| `mosld-mixture-seed0` | 0.000 |" in page
