@@ -154,6 +154,19 @@ def test_protocol_errors_name_the_file_and_field(tmp_path):
         load_protocol(path)
     with pytest.raises(ValueError, match="--only: expected"):
         parse_only("lr=3")
+    fields = {"name": "x", "config": [str(REPO / "configs" / "mosld.yaml")], "methods": ["lora"], "seeds": [0]}
+    path.write_text(yaml.safe_dump(fields | {"results": ["a"]}))
+    with pytest.raises(ValueError, match=r"bad.yaml: results: expected a folder path"):
+        load_protocol(path)
+
+
+def test_a_protocol_names_its_results_folder(tmp_path):
+    path = tmp_path / "p.yaml"
+    fields = {"name": "x", "config": [str(REPO / "configs" / "mosld.yaml")], "methods": ["lora"], "seeds": [0]}
+    path.write_text(yaml.safe_dump(fields))
+    assert load_protocol(path).results_dir == Path("experiments/results/x")
+    path.write_text(yaml.safe_dump(fields | {"results": "experiments/results/x-v2"}))
+    assert load_protocol(path).results_dir == Path("experiments/results/x-v2")
 
 
 # ---------------------------------------------------------------------------- the sweep, end to end

@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     sweep = commands.add_parser("sweep", help="run the protocol's runs that have no record yet")
     sweep.add_argument("protocol", help="a protocol file, e.g. configs/experiments/cpu.yaml")
     sweep.add_argument("--only", help="run a subset: method=mosld,seed=1 (| between alternatives: method=lora|mosld)")
-    sweep.add_argument("--results-dir", type=Path, help="default experiments/results/<protocol name>")
+    sweep.add_argument("--results-dir", type=Path, help="default: the protocol's results folder")
     sweep.add_argument("--work-dir", type=Path, help="default experiments/runs/<protocol name> (git-ignored)")
     sweep.add_argument("--no-zero-shot", action="store_true", help="skip the base model's test")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and whether each is recorded")
     agg = commands.add_parser("aggregate", help="write the results page from the protocol's records")
     agg.add_argument("protocol", help="a protocol file, e.g. configs/experiments/cpu.yaml")
-    agg.add_argument("--results-dir", type=Path, help="default experiments/results/<protocol name>")
+    agg.add_argument("--results-dir", type=Path, help="default: the protocol's results folder")
     agg.add_argument("--out", type=Path, help="default docs/results.md for cpu, else docs/results_<name>.md")
     cmp = commands.add_parser("compare", help="two run folders item by item (paired interval, McNemar)")
     cmp.add_argument("run_a", type=Path)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.write_text(json.dumps(result, indent=1) + "\n")
             return 0
         protocol = load_protocol(args.protocol)
-        results_dir = args.results_dir or Path("experiments/results") / protocol.name
+        results_dir = args.results_dir or protocol.results_dir
         if args.command == "aggregate":
             out = args.out or Path("docs/results.md" if protocol.name == "cpu" else f"docs/results_{protocol.name}.md")
             test_tasks = [task_name(t) for t in protocol.test_tasks or []]

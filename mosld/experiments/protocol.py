@@ -10,6 +10,7 @@ Example::
     seeds: [0, 1, 2]
     test: {data.tasks: [arc_easy, boolq, mmlu], data.max_eval_examples: 300}   # options of the test pass
     commit_adapters: [0, 1, 2]             # seeds whose exported adapter goes beside the record
+    results: experiments/results/cpu       # where the records go (this default: experiments/results/<name>)
 
 The test tasks that are not training tasks (BoolQ, MMLU: evaluation-only) are the out-of-domain tasks; a
 record that lacks a test task is topped up by the sweep (tested on the missing tasks from its kept adapter).
@@ -25,7 +26,18 @@ import yaml
 from ..adapters.config import METHODS
 
 SETTINGS = ("mixture", "single")
-_FIELDS = {"name", "description", "config", "args", "methods", "settings", "seeds", "test", "commit_adapters"}
+_FIELDS = {
+    "name",
+    "description",
+    "config",
+    "args",
+    "methods",
+    "settings",
+    "seeds",
+    "test",
+    "commit_adapters",
+    "results",
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,12 @@ class Protocol:
     commit_adapters: list[int] = field(default_factory=list)
     description: str = ""
     source: str = ""
+    results: str = ""
+
+    @property
+    def results_dir(self) -> Path:
+        """Where the protocol's records live: its ``results`` field, else ``experiments/results/<name>``."""
+        return Path(self.results or Path("experiments/results") / self.name)
 
     @property
     def test_tasks(self) -> list[str] | None:
@@ -103,6 +121,9 @@ def load_protocol(path: str | Path) -> Protocol:
     for key in ("args", "test"):
         if not isinstance(data.get(key, {}), dict):
             raise ValueError(f"protocol {path}: {key}: expected a mapping of option -> value")
+    results = data.get("results", "")
+    if not isinstance(results, str):
+        raise ValueError(f"protocol {path}: results: expected a folder path, got {results!r}")
     tasks = data.get("test", {}).get("data.tasks")
     if tasks is not None and (not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks)):
         raise ValueError(f"protocol {path}: test: data.tasks: expected a non-empty list of task names, got {tasks!r}")
@@ -117,6 +138,7 @@ def load_protocol(path: str | Path) -> Protocol:
         commit_adapters=list(data.get("commit_adapters", [])),
         description=str(data.get("description", "")),
         source=str(path),
+        results=results,
     )
 
 

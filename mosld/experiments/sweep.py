@@ -91,7 +91,7 @@ class Sweep:
 
     Args:
         protocol: The protocol.
-        results_dir: Where records go; default ``experiments/results/<protocol>``.
+        results_dir: Where records go; default the protocol's (``experiments/results/<protocol>``).
         work_dir: Where runs work; default ``experiments/runs/<protocol>``.
         python: Interpreter for the runs.
         log: Where progress lines go.
@@ -100,7 +100,7 @@ class Sweep:
     def __init__(self, protocol: Protocol, results_dir: Path | None = None, work_dir: Path | None = None,
                  python: str = sys.executable, log=print) -> None:  # fmt: skip
         self.protocol = protocol
-        self.results_dir = Path(results_dir or Path("experiments/results") / protocol.name)
+        self.results_dir = Path(results_dir or protocol.results_dir)
         self.work_dir = Path(work_dir or Path("experiments/runs") / protocol.name)
         self.python, self.log = python, log
         self.base_args = [a for c in protocol.config for a in ("--config", c)] + option_args(protocol.args)
