@@ -233,12 +233,16 @@ def results_table(groups: dict, keys: list, in_domain: list[str], ood: list[str]
     return lines
 
 
+def all_generation(records: list[dict]) -> bool:
+    """Whether every task of every record is a generation task (no multiple choice on the page)."""
+    return all(is_generation(m) for r in records for m in r["tasks"].values())
+
+
 def scores_note(records: list[dict]) -> str:
     """What the page's numbers are: multiple-choice accuracy, generation metrics, or both."""
-    accuracy = "Accuracy in %, headline scoring (log-likelihood per character of each choice)"
-    if not all(is_generation(m) for r in records for m in r["tasks"].values()):
-        return accuracy
-    return "Scores in %: each task's metric on the greedy continuation"
+    if all_generation(records):
+        return "Scores in %: each task's metric on the greedy continuation"
+    return "Accuracy in %, headline scoring (log-likelihood per character of each choice)"
 
 
 def generation_metrics(records: list[dict]) -> dict[str, str]:
@@ -267,10 +271,9 @@ def generation_note(records: list[dict]) -> str:
         parts = [f"{m}: {', '.join(tasks)}" for m, tasks in by_metric.items() if m != common]
         parts.append(f"{common}: " + ("every task" if len(by_metric) == 1 else f"the other {len(by_metric[common])}"))
         separator = "; "
-    all_generation = all(is_generation(m) for r in records for m in r["tasks"].values())
     return (
         " Generation tasks are scored on the greedy continuation"
-        + ("" if all_generation else " instead")
+        + ("" if all_generation(records) else " instead")
         + ", their cells being the task's metric in % ("
         + separator.join(parts)
         + "); averages are over every "
