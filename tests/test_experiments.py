@@ -146,6 +146,29 @@ def test_shipped_protocols_parse():
     assert "boolq" in names["cpu"].test["data.tasks"]
 
 
+def test_cpu_single_trains_each_task_on_its_share_of_the_mixture(shared_data_dir):
+    from mosld.data.sampling import temperature_probabilities
+    from mosld.data.tasks import load_task
+
+    single, mixture = (load_protocol(REPO / "configs" / "experiments" / f"{n}.yaml") for n in ("cpu_single", "cpu"))
+    data = yaml.safe_load((REPO / "configs" / "mosld.yaml").read_text())["data"]
+    tasks = data["tasks"]
+    assert single.settings == ["single"] and set(single.single_args) == set(tasks)
+    sizes = [len(load_task(t, "train", shared_data_dir)) for t in tasks]
+    # the mixture's 200 steps shared out in proportion to p_i, largest remainders first (Hamilton's method)
+    quotas = [mixture.args["trainer.max_steps"] * p for p in temperature_probabilities(sizes, data["temperature"])]
+    steps = [math.floor(q) for q in quotas]
+    for i in sorted(range(len(tasks)), key=lambda i: steps[i] - quotas[i])[: round(sum(quotas)) - sum(steps)]:
+        steps[i] += 1
+    for task, n in zip(tasks, steps, strict=True):
+        assert single.single_args[task] == {
+            "trainer.max_steps": n,
+            "data.num_samples_per_epoch": n * data["batch_size"],
+        }
+    assert sum(a["trainer.max_steps"] for a in single.single_args.values()) == mixture.args["trainer.max_steps"]
+    assert single.test["data.max_eval_examples"] == mixture.test["data.max_eval_examples"]
+
+
 def test_protocol_errors_name_the_file_and_field(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "config": [str(REPO / "configs" / "mosld.yaml")],
@@ -325,6 +348,59 @@ def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_d
     assert "quiz" not in json.loads((results / "mosld-mixture-seed1" / "metrics.json").read_text())["tasks"]
     routing = json.loads((results / "mosld-mixture-seed0" / "routing.json").read_text())
     assert set(routing) == {"example_task", "quiz"}
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_jobs_side_by_side_reports_a_failing_one_and_resumes(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("submitit")
+    quiz = tmp_path / "quiz"
+    quiz.mkdir()
+    for split in ("train", "validation", "test"):
+        (quiz / f"{split}.jsonl").write_text((REPO / "data" / "example_task" / f"{split}.jsonl").read_text())
+    # two experts suit MoSLD but LoRA refuses them: one job fails, the others must finish
+    path = write_tiny_protocol(
+        tmp_path,
+        tiny_model_dir,
+        {
+            "data.num_samples_per_epoch": 8,
+            "trainer.max_steps": 2,
+            "model.adapter.num_experts": 2,
+            "data.tasks": [EXAMPLE_TASK, str(quiz)],
+        },  # fmt: skip
+        methods=["lora", "mosld"],
+        settings=["single"],
+        seeds=[0],
+        test={"data.max_eval_examples": 6},
+        single_args={"quiz": {"trainer.max_steps": 1}},
+    )
+    results, work = tmp_path / "results", tmp_path / "work"
+    args = ["--results-dir", str(results), "--work-dir", str(work), "--launcher", "local", "--jobs", "2"]
+    assert experiments_main(["sweep", str(path), *args]) == 1
+    out, err = capsys.readouterr()
+    assert "3 job(s) to run, 0 run(s) already recorded; local launcher, 2 at a time" in out
+    assert "1 job(s) failed" in err and "lora-single-seed0: fit failed" in err
+    log = Path(err.split("log: ")[1].split()[0])
+    assert log.is_file() and "num_experts: method 'lora' has exactly one expert" in log.read_text()
+    mosld = json.loads((results / "mosld-single-seed0" / "metrics.json").read_text())
+    assert set(mosld["tasks"]) == {"example_task", "quiz"} and mosld["setting"] == "single"
+    assert mosld["steps"] == 2 + 1  # single_args: the quiz model trains one step
+    assert all(mosld["tasks"][t]["items"] == 6 for t in ("example_task", "quiz"))
+    assert (work / "mosld-single-seed0" / "quiz" / "fit" / "train_record.json").is_file()  # a task path's own folder
+    assert not (quiz / "fit").exists()
+    assert (results / "zero_shot" / "metrics.json").is_file() and not (results / "lora-single-seed0").exists()
+    # resumable: what is recorded is not run again
+    assert experiments_main(["sweep", str(path), *args]) == 1
+    assert "1 job(s) to run, 1 run(s) already recorded" in capsys.readouterr().out
+
+
+def test_single_args_must_name_training_tasks(tiny_model_dir, tmp_path):
+    from mosld.experiments import Sweep
+    from mosld.experiments.sweep import SweepError
+
+    path = write_tiny_protocol(tmp_path, tiny_model_dir, {}, methods=["lora"], seeds=[0], settings=["single"],
+                               single_args={"arc_easy": {"trainer.max_steps": 3}})  # fmt: skip
+    with pytest.raises(SweepError, match=r"single_args: \['arc_easy'\] are not training tasks"):
+        Sweep(load_protocol(path))
 
 
 def _write_record(root, run: str, method: str, seed: int, correct: dict[str, list[int]], preds: dict) -> None:

@@ -1,6 +1,8 @@
 """``python -m mosld.experiments sweep|aggregate ...``: run a protocol, and turn its records into a results page.
 
 python -m mosld.experiments sweep configs/experiments/cpu.yaml [--only method=mosld,seed=1] [--dry-run]
+python -m mosld.experiments sweep configs/experiments/cpu_single.yaml --launcher local --jobs 2
+python -m mosld.experiments sweep configs/experiments/paper.yaml --launcher slurm --jobs 8 --partition gpu --gpus-per-job 1
 python -m mosld.experiments aggregate configs/experiments/cpu.yaml [--out docs/results.md]
 python -m mosld.experiments compare lightning_logs/version_0 lightning_logs/version_1 [--stage val]
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from ..data.tasks import task_name
 from .aggregate import aggregate
 from .compare import SCORINGS, compare_runs, format_comparison
+from .launch import LAUNCHERS, SlurmOptions, launch
 from .protocol import load_protocol, parse_only
 from .sweep import Sweep, SweepError
 
@@ -41,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--work-dir", type=Path, help="default experiments/runs/<protocol name> (git-ignored)")
     sweep.add_argument("--no-zero-shot", action="store_true", help="skip the base model's test")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and whether each is recorded")
+    jobs = sweep.add_argument_group("jobs", "run each run as a submitit job instead of one after the other here")
+    jobs.add_argument("--launcher", choices=LAUNCHERS, help="local: jobs on this machine; slurm: a SLURM array job")
+    jobs.add_argument("--jobs", type=int, default=1, help="jobs running at once (default 1)")
+    jobs.add_argument("--time", type=int, default=24 * 60, help="wall-time limit of one job in minutes (default 1440)")
+    jobs.add_argument("--partition", help="SLURM partition")
+    jobs.add_argument("--account", help="SLURM account")
+    jobs.add_argument("--gpus-per-job", type=int, default=0, help="SLURM: GPUs of each job (default 0)")
+    jobs.add_argument("--cpus-per-job", type=int, help="SLURM: CPUs of each job")
+    jobs.add_argument("--mem-gb", type=float, help="SLURM: memory of each job in GB")
     agg = commands.add_parser("aggregate", help="write the results page from the protocol's records")
     agg.add_argument("protocol", help="a protocol file, e.g. configs/experiments/cpu.yaml")
     agg.add_argument("--results-dir", type=Path, help="default: the protocol's results folder")
@@ -72,7 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs:
                 print(f"{run.name}: {dry_run_state(results_dir / run.name, protocol.test_tasks, run.setting)}")
             return 0
-        Sweep(protocol, results_dir, args.work_dir).run(runs, zero_shot=not args.no_zero_shot)
+        sweep = Sweep(protocol, results_dir, args.work_dir)
+        if args.launcher is None:
+            sweep.run(runs, zero_shot=not args.no_zero_shot)
+            return 0
+        slurm = SlurmOptions(args.partition, args.account, args.gpus_per_job, args.cpus_per_job, args.mem_gb)
+        failures = launch(sweep, runs, args.launcher, args.jobs, not args.no_zero_shot, args.time, slurm)
+        if failures:
+            print(f"error: {len(failures)} job(s) failed (the others finished; run the sweep again to retry them):",
+                  *map(str, failures), sep="\n", file=sys.stderr)  # fmt: skip
+            return 1
     except (ValueError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

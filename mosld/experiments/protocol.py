@@ -11,6 +11,8 @@ Example::
     test: {data.tasks: [arc_easy, boolq, mmlu], data.max_eval_examples: 300}   # options of the test pass
     commit_adapters: [0, 1, 2]             # seeds whose exported adapter goes beside the record
     results: experiments/results/cpu       # where the records go (this default: experiments/results/<name>)
+    single_args: {arc_easy: {trainer.max_steps: 25}}   # options of one task's fits in the single setting
+    compare_with: [configs/experiments/cpu.yaml]       # protocols whose trained runs the results page adds
 
 The test tasks that are not training tasks (BoolQ, MMLU: evaluation-only) are the out-of-domain tasks; a
 record that lacks a test task is topped up by the sweep (tested on the missing tasks from its kept adapter).
@@ -37,6 +39,8 @@ _FIELDS = {
     "test",
     "commit_adapters",
     "results",
+    "single_args",
+    "compare_with",
 }
 
 
@@ -70,6 +74,8 @@ class Protocol:
     description: str = ""
     source: str = ""
     results: str = ""
+    single_args: dict[str, dict[str, object]] = field(default_factory=dict)
+    compare_with: list[str] = field(default_factory=list)
 
     @property
     def results_dir(self) -> Path:
@@ -124,6 +130,12 @@ def load_protocol(path: str | Path) -> Protocol:
     results = data.get("results", "")
     if not isinstance(results, str):
         raise ValueError(f"protocol {path}: results: expected a folder path, got {results!r}")
+    single_args = data.get("single_args", {})
+    if not isinstance(single_args, dict) or not all(isinstance(v, dict) for v in single_args.values()):
+        raise ValueError(f"protocol {path}: single_args: expected a mapping of task -> {{option: value}}")
+    compare_with = data.get("compare_with", [])
+    if not isinstance(compare_with, list) or not all(isinstance(c, str) and Path(c).is_file() for c in compare_with):
+        raise ValueError(f"protocol {path}: compare_with: expected a list of protocol files, got {compare_with!r}")
     tasks = data.get("test", {}).get("data.tasks")
     if tasks is not None and (not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks)):
         raise ValueError(f"protocol {path}: test: data.tasks: expected a non-empty list of task names, got {tasks!r}")
@@ -139,6 +151,8 @@ def load_protocol(path: str | Path) -> Protocol:
         description=str(data.get("description", "")),
         source=str(path),
         results=results,
+        single_args={str(task): dict(options) for task, options in single_args.items()},
+        compare_with=list(compare_with),
     )
 
 

@@ -114,25 +114,39 @@ class Sweep:
         self.method_args = [arg for field in METHOD_FIELDS if f"model.adapter.{field}" not in protocol.args
                             for arg in (f"--model.adapter.{field}", "null")]  # fmt: skip
         self.test_args = option_args(protocol.test)
+        unknown = set(protocol.single_args) - {task_name(t) for t in self.train_tasks}
+        if unknown:
+            raise SweepError(f"protocol {protocol.source}: single_args: {sorted(unknown)} are not training tasks "
+                             f"(training tasks: {', '.join(task_name(t) for t in self.train_tasks)})")  # fmt: skip
         self.commit = git_commit()
 
     # ------------------------------------------------------------------ running
     def run(self, runs: list[Run], zero_shot: bool = True) -> None:
+        """Run ``runs`` one after the other in this process (``mosld.experiments.launch`` runs them as jobs)."""
         if zero_shot:
             self.zero_shot()
         for i, run in enumerate(runs, 1):
-            if (self.results_dir / run.name / "metrics.json").is_file():
-                missing = self.missing_tasks(self.results_dir / run.name, run)
-                if not missing:
-                    self.log(f"[{i}/{len(runs)}] {run.name}: recorded, skipped")
-                    continue
-                self.log(f"[{i}/{len(runs)}] {run.name}: recorded; topping up {', '.join(missing)}")
-                self.top_up(run, missing)
-                continue
-            self.log(f"[{i}/{len(runs)}] {run.name}: running")
-            start = time.perf_counter()
-            self.run_one(run)
-            self.log(f"[{i}/{len(runs)}] {run.name}: recorded in {time.perf_counter() - start:.0f} s")
+            self.run_or_top_up(run, f"[{i}/{len(runs)}] ")
+
+    def pending(self, run: Run | None) -> bool:
+        """Whether ``run`` (``None``: the base model's test) has work to do: no record, or one lacking a test task."""
+        record = self.results_dir / (ZERO_SHOT if run is None else run.name)
+        return not (record / "metrics.json").is_file() or bool(self.missing_tasks(record, run))
+
+    def run_or_top_up(self, run: Run, prefix: str = "") -> None:
+        """Record ``run``, top up its record with the test tasks it lacks, or skip it when it is complete."""
+        if (self.results_dir / run.name / "metrics.json").is_file():
+            missing = self.missing_tasks(self.results_dir / run.name, run)
+            if not missing:
+                self.log(f"{prefix}{run.name}: recorded, skipped")
+                return
+            self.log(f"{prefix}{run.name}: recorded; topping up {', '.join(missing)}")
+            self.top_up(run, missing)
+            return
+        self.log(f"{prefix}{run.name}: running")
+        start = time.perf_counter()
+        self.run_one(run)
+        self.log(f"{prefix}{run.name}: recorded in {time.perf_counter() - start:.0f} s")
 
     def zero_shot(self) -> None:
         """The base model (untrained adapters equal it exactly) tested once on the protocol's test items."""
@@ -196,7 +210,7 @@ class Sweep:
 
     def run_one(self, run: Run) -> None:
         work = self.work_dir / run.name
-        fits = [(work, None)] if run.setting == "mixture" else [(work / t, t) for t in self.train_tasks]
+        fits = [(work, None)] if run.setting == "mixture" else [(work / task_name(t), t) for t in self.train_tasks]
         parts = []
         for folder, task in fits:
             parts.append(self._fit_and_test(run, folder, task))
@@ -207,7 +221,11 @@ class Sweep:
         times = {}
         run_args = self._run_args(run)
         if task is not None:
-            run_args += ["--data.tasks", json.dumps([task])]
+            run_args += [
+                "--data.tasks",
+                json.dumps([task]),
+                *option_args(self.protocol.single_args.get(task_name(task), {})),
+            ]
         if not (fit_dir / "train_record.json").is_file():
             checkpoints = sorted((fit_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
             resume = ["--ckpt_path", str(checkpoints[-1])] if checkpoints else []
