@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -403,7 +404,8 @@ def test_single_args_must_name_training_tasks(tiny_model_dir, tmp_path):
         Sweep(load_protocol(path))
 
 
-def _write_record(root, run: str, method: str, seed: int, correct: dict[str, list[int]], preds: dict) -> None:
+def _write_record(root, run: str, method: str, seed: int, correct: dict[str, list[int]], preds: dict,
+                  setting: str = "mixture", in_domain: tuple[str, ...] = ("arc",)) -> None:  # fmt: skip
     """A finished run's record as the sweep writes it, from per-task 0/1 results and predicted answers."""
     folder = root / run
     folder.mkdir(parents=True)
@@ -414,9 +416,9 @@ def _write_record(root, run: str, method: str, seed: int, correct: dict[str, lis
             rows.append({"task": task, "item": f"{task}{k:03d}", "pred": pred, "gold": gold, "correct": bool(c)})
         acc = float(np.mean(values))
         tasks[task] = {"acc": acc, "acc_sum": acc, "acc_token_norm": acc, "items": len(values)}
-    metrics = {"protocol": "synthetic", "run": run, "method": method, "setting": "mixture" if seed >= 0 else "none",
-               "seed": max(seed, 0), "tasks": tasks, "in_domain": ["arc"],
-               "out_of_domain": [t for t in tasks if t != "arc"]}  # fmt: skip
+    metrics = {"protocol": "synthetic", "run": run, "method": method, "setting": setting if seed >= 0 else "none",
+               "seed": max(seed, 0), "tasks": tasks, "in_domain": list(in_domain),
+               "out_of_domain": [t for t in tasks if t not in in_domain]}  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -463,6 +465,46 @@ def test_results_page_ood_section_from_records_some_lacking_mmlu(tmp_path):
     assert "- mmlu: *MoSLD forgets less than LoRA* **is within noise**" in claims  # identical results on MMLU
     assert "| avg | boolq | mmlu |" in page  # the table's columns
     assert "| LoRA | mixture | 2 | 0 |" in page and "(1 of 2) |" in page  # the mmlu cell: how many seeds have it
+
+
+def test_results_page_sets_the_single_setting_against_the_mixture_of_another_protocol(tmp_path):
+    # Two paper tasks, 40 items each, 2 seeds. LoRA: the same results in both settings. MoSLD: the mixture gets
+    # 8 more openbookqa items right than the single adapter in both seeds (+20 points there, +10 on average);
+    # in the single setting the two methods have the same results.
+    rng = np.random.default_rng(1)
+    tasks = ("openbookqa", "arc_easy")
+    single_dir, mixture_dir = tmp_path / "single", tmp_path / "mixture"
+    base = {t: [0] * 40 for t in tasks}
+    _write_record(single_dir, "zero_shot", "base", -1, base, base, in_domain=tasks)
+    drawn = {seed: {t: rng.integers(0, 2, 40).tolist() for t in tasks} for seed in (0, 1)}  # both methods' single
+    for method in ("lora", "mosld"):
+        for seed in (0, 1):
+            single = {t: list(v) for t, v in drawn[seed].items()}
+            single["openbookqa"][:8] = [0] * 8
+            mixture = {t: list(v) for t, v in single.items()}
+            if method == "mosld":
+                mixture["openbookqa"][:8] = [1] * 8
+            zeros = {t: [0] * 40 for t in tasks}
+            _write_record(single_dir, f"{method}-single-seed{seed}", method, seed, single, zeros, "single", tasks)
+            _write_record(mixture_dir, f"{method}-mixture-seed{seed}", method, seed, mixture, zeros, "mixture", tasks)
+    out = tmp_path / "results.md"
+    page = aggregate(single_dir, out, resamples=500, test_tasks=list(tasks), compare_with=[mixture_dir])
+    assert aggregate(single_dir, out, resamples=500, test_tasks=list(tasks), compare_with=[mixture_dir]) == page
+    section = page[page.index("## Single task against the mixture") :]
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[4:]
+            for line in section.splitlines() if line.startswith("| ")}  # fmt: skip
+    assert rows[("LoRA: mixture − single", "average")][0].strip() == "+0.00"
+    assert rows[("MoSLD: mixture − single", "openbookqa")][0].strip() == "+20.00"
+    assert rows[("MoSLD: mixture − single", "arc_easy")][0].strip() == "+0.00"
+    # the paper's Table 1: MoSLD mixture − single on openbookqa 78.80 − 78.40, far below this interval
+    assert [c.strip() for c in rows[("MoSLD: mixture − single", "openbookqa")][3:5]] == ["+0.40", "below"]
+    assert rows[("MoSLD − LoRA (single)", "openbookqa")][0].strip() == "+0.00"  # the same single results...
+    assert rows[("MoSLD − LoRA (mixture)", "openbookqa")][0].strip() == "+20.00"  # ...but not the same mixture
+    claims = page[page.index("## What the paper claims") :]
+    assert "*MoSLD gains from training on the mixture* **holds**" in claims
+    assert "*LoRA gains from training on the mixture* **is within noise**" in claims
+    assert "*MoSLD gains more from the mixture than LoRA* **holds**" in claims
+    assert "Holm over the page's" in claims
 
 
 def test_hierarchical_standard_error_errs_on_the_wide_side_in_a_crossed_simulation():
@@ -559,10 +601,11 @@ def test_results_page_of_generation_tasks(tmp_path):
     cells = [f"{100 * base[t][m]:.1f}" for t, m in (("arc", "acc"), ("qa", "exact_match"), ("summ", "rouge_l"))]
     average = f"{100 * np.mean([base['arc']['acc'], base['qa']['exact_match'], base['summ']['rouge_l']]):.1f}"
     assert f"| base (zero-shot) | none | 1 | 0 | {' | '.join(cells)} | **{average}** |" in page
-    # fractional ROUGE-L scores in the in-domain average: no McNemar, and the sentence says why
+    # fractional ROUGE-L scores in the in-domain average: the bootstrap p-value takes them as they are
     row = next(line for line in page.splitlines() if line.startswith("| MoSLD − LoRA | mixture |"))
-    assert row.endswith("| – | – | – |")
-    assert "no McNemar test: some scores are fractions" in page
+    p = float(row.rstrip(" |").rsplit("| ", 1)[1])
+    assert 0 < p <= 1 and f"bootstrap p = {p:.2g}" in page
+    assert "McNemar" not in page.split("## Paired comparisons")[1].split("## Figures")[0].replace("McNemar's test", "")
     assert "over the multiple-choice tasks only" in page  # the other scorings: arc only
     # the out-of-domain generation task: its score and comparisons, no label prior
     gsm = page[page.index("### gsm") : page.index("### What the paper claims out of domain")]
@@ -570,11 +613,15 @@ def test_results_page_of_generation_tasks(tmp_path):
     assert "- gsm: *MoSLD forgets less than LoRA* **" in page
 
 
-def test_results_page_of_exact_match_tasks_keeps_mcnemar(tmp_path):
+def test_results_page_p_values_agree_with_the_seed_aware_intervals(tmp_path):
     results = _generation_records(tmp_path, summary=False)
-    page = aggregate(results, tmp_path / "results.md", resamples=300, test_tasks=["arc", "qa", "gsm"])
-    row = next(line for line in page.splitlines() if line.startswith("| MoSLD − LoRA | mixture |"))
-    assert not row.endswith("| – | – | – |") and "McNemar p = " in page  # 0/1 scores: McNemar applies
+    page = aggregate(results, tmp_path / "results.md", resamples=2000, test_tasks=["arc", "qa", "gsm"])
+    # the comparison tables' rows: "| label | ... | [low, high] | [items] | detectable | p |"
+    rows = re.findall(r"^\| \S+ − .*?\| \[([-+.\d]+), ([-+.\d]+)\][^|]*\|.*\| ([<\d. ]+) \|$", page, re.M)
+    assert len(rows) >= 3
+    for low, high, p in rows:
+        excludes_zero = float(low) > 0 or float(high) < 0
+        assert (p.startswith("<") or float(p) < 0.05) == excludes_zero or abs(float(p) - 0.05) < 0.01
 
 
 def test_specialisation_verdict_against_the_untrained_router():
@@ -646,3 +693,107 @@ def test_the_routing_reference_leaves_out_tasks_a_top_up_added_to_the_base(tmp_p
     assert "leaving out qa5 (topped up in another pass of the base)" in page
     assert "| untrained router (`zero_shot` record) | 0.000 | 0.000 (qa1) | 0.000 (qa1) |" in page  # not 0.32
     assert "| `mosld-mixture-seed0` | 0.000 |" in page
+
+
+# ---------------------------------------------------------------------------- verdicts that survive a re-roll
+def test_balanced_accuracy_is_resampled_as_a_ratio():
+    # a constant "yes" answer against a perfect model on 70 yes / 30 no items: balanced accuracy 0.5 against 1.0
+    # in every resample, whatever its label counts, so the interval has zero width at exactly -0.5 (weights fixed
+    # from the whole sample, as before, gave every resample with other label counts another value)
+    gold = np.array([1] * 70 + [0] * 30)
+    constant = {"b": (gold == 1).astype(float)[None, :]}  # right on the yes items only
+    perfect = {"b": np.ones((1, 100))}
+    c = compare(constant, perfect, resamples=2000, gold={"b": gold})
+    assert c.diff == pytest.approx(-0.5) and c.seeds == (pytest.approx(-0.5), pytest.approx(-0.5))
+    assert compare(constant, perfect, resamples=2000).diff == pytest.approx(-0.3)  # plain accuracy: 0.7 vs 1.0
+    # one class only: balanced accuracy is accuracy, and the same draws give the same interval
+    rng = np.random.default_rng(7)
+    a, b = ({"x": rng.integers(0, 2, (3, 80)).astype(float)} for _ in range(2))
+    plain = compare(a, b, resamples=500, escalate_to=500)
+    balanced = compare(a, b, resamples=500, gold={"x": np.zeros(80, dtype=int)}, escalate_to=500)
+    assert balanced.diff == pytest.approx(plain.diff) and balanced.seeds == pytest.approx(plain.seeds)
+
+
+def test_balanced_point_estimate_is_the_mean_recall_difference():
+    gold = np.array([0, 0, 0, 1, 1, 2])
+    a = {"t": np.array([[1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=float)}
+    b = {"t": np.zeros((2, 6))}
+    # recalls of a: seed 0 (1/3, 1, 0), seed 1 (2/3, 1/2, 1): means over seeds (1/2, 3/4, 1/2) -> 7/12
+    assert compare(a, b, resamples=200, gold={"t": gold}).diff == pytest.approx(7 / 12)
+
+
+def test_holm_adjustment_matches_a_worked_example():
+    from mosld.experiments.stats import holm
+
+    # sorted 0.01, 0.03, 0.04: x3, x2, x1 -> 0.03, 0.06, then max(0.06, 0.04)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5]) == [0.5] and holm([0.4, 0.9]) == pytest.approx([0.8, 0.9])
+
+
+def test_monte_carlo_band_of_a_quantile_covers_the_true_one():
+    from mosld.experiments.stats import quantile_band
+
+    rng = np.random.default_rng(8)
+    true = -1.959964  # the 2.5% quantile of N(0, 1)
+    covered = sum(
+        low <= true <= high
+        for low, high in (quantile_band(np.sort(rng.standard_normal(10_000)), 0.025) for _ in range(300))
+    )
+    assert covered >= 0.97 * 300  # a 99% band
+
+
+def test_bootstrap_p_value_and_its_band():
+    from mosld.experiments.stats import bootstrap_p
+
+    p, band = bootstrap_p(np.linspace(-1, 1, 10_001))
+    assert p == pytest.approx(1.0, abs=1e-3) and band[1] == 1.0
+    p, band = bootstrap_p(np.full(9_999, 0.3))  # every resample above 0: the smallest p a Monte Carlo test gives
+    assert p == pytest.approx(2 / 10_000) and band[0] == 0.0 and band[1] > p
+
+
+def test_a_borderline_verdict_is_drawn_again_with_more_resamples():
+    # one seed, 400 items, 40 gained and 24 lost: z = 16 / sqrt(64) = 2.0, the 2.5% quantile sits at 0 itself,
+    # so its Monte Carlo band holds 0 whatever the bootstrap seed (borderline under 40 of 40 seeds tried)
+    d = np.zeros(400)
+    d[:40], d[40:64] = 1, -1
+    a, b = {"x": np.clip(d, 0, 1)[None, :]}, {"x": np.clip(-d, 0, 1)[None, :]}
+    for seed in range(3):
+        few = compare(a, b, resamples=1000, seed=seed, escalate_to=1000)
+        assert few.verdict() == "is borderline" and few.unsettled_end() == "lower"
+        assert few.low_band[0] <= 0 < few.low_band[1]
+    assert compare(a, b, resamples=1000, escalate_to=40_000).resamples == 40_000
+    clear = {"x": np.ones((1, 400))}
+    assert compare(clear, b, resamples=1000, escalate_to=40_000).resamples == 1000  # "holds" at once
+
+
+def test_comparison_places_the_papers_effect():
+    from mosld.experiments.stats import Comparison
+
+    c = Comparison(0.0, (-0.01, 0.01), (-0.01, 0.01), 0.005, 0.014, low_band=(-0.012, -0.008),
+                   high_band=(0.008, 0.012))  # fmt: skip
+    assert c.verdict() == "is within noise"
+    assert (c.place(0.0241), c.place(-0.02), c.place(0.0), c.place(0.0095)) == ("above", "below", "inside",
+                                                                                "at the edge")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["cpu", "cpu_babi", "cpu_single"])
+def test_page_verdicts_are_the_same_under_twenty_bootstrap_seeds(protocol):
+    from mosld.data.tasks import task_name
+    from mosld.experiments.aggregate import load_page, page_claims
+    from mosld.experiments.stats import Bootstrap
+
+    spec = load_protocol(REPO / "configs" / "experiments" / f"{protocol}.yaml")
+    runs = [run.name for run in spec.runs()]
+    if not all((REPO / spec.results_dir / name / "metrics.json").is_file() for name in runs):
+        pytest.skip(f"{protocol}: not every run is recorded yet")
+    page = load_page(REPO / spec.results_dir, [task_name(t) for t in spec.test_tasks or []],
+                     [REPO / load_protocol(REPO / other).results_dir for other in spec.compare_with])  # fmt: skip
+
+    def verdicts(seed: int) -> list[tuple]:
+        claims = page_claims(page, Bootstrap(seed=seed))
+        return [(c.where, c.label, c.comparison.verdict(), c.holm_verdict(),
+                 c.paper is not None and c.comparison.place(c.paper)) for c in claims]  # fmt: skip
+
+    first = verdicts(0)
+    assert first and all(verdicts(seed) == first for seed in range(1, 20))

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "aggregate":
             out = args.out or Path("docs/results.md" if protocol.name == "cpu" else f"docs/results_{protocol.name}.md")
             test_tasks = [task_name(t) for t in protocol.test_tasks or []]
-            aggregate(results_dir, out, expected_runs=[run.name for run in protocol.runs()], test_tasks=test_tasks)
+            others = [load_protocol(other).results_dir for other in protocol.compare_with]
+            aggregate(results_dir, out, expected_runs=[run.name for run in protocol.runs()], test_tasks=test_tasks,
+                      compare_with=others)  # fmt: skip
             print(f"wrote {out}")
             return 0
         runs = protocol.runs(parse_only(args.only))

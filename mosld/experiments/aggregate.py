@@ -2,34 +2,52 @@
 paired comparisons with bootstrap intervals and exact McNemar p-values, plain sentences on the paper's
 orderings, and figures (accuracy per task, training loss curves, task x expert routing heat-map).
 
-Everything is computed from the records alone (``experiments/results/<protocol>/``), with a fixed bootstrap
-seed, so running it again on the same records writes the same page.
+Everything is computed from the records alone (``experiments/results/<protocol>/``, and those of the protocols
+it is compared with), with a fixed bootstrap seed, so running it again on the same records writes the same
+page; verdicts do not hang on that seed (``stats.Comparison.verdict``: an interval end whose Monte Carlo band
+holds 0 makes a claim *borderline*).
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from .claims import PAPER_ORDERINGS, Claim, adjust, paper_averages, sentence
 from .metrics import headline, headline_metric, is_generation, item_score
-from .ood import COMPARISON_HEADER, INTERVALS_NOTE, METHOD_ORDER, NAMES, against_base, method_comparisons, ood_section
+from .ood import (
+    COMPARISON_HEADER,
+    INTERVALS_NOTE,
+    METHOD_ORDER,
+    NAMES,
+    against_base,
+    comparison_rows,
+    ood_claims,
+    ood_section,
+    ordering_claims,
+)
 from .routing import routing_section
-from .stats import mcnemar_exact, mean_sd
+from .settings import setting_claims, settings_section
+from .stats import RESAMPLES, Bootstrap, mean_sd
 
-# The paper's orderings (PAPER.md, Table 1 and 2): (better, worse, what it tests).
-PAPER_ORDERINGS = [
-    ("mosld", "lora", "MoSLD beats LoRA"),
-    ("mosld", "mola", "MoSLD beats MoLA"),
-    ("mosld", "mosl", "dropout on the shared A helps (MoSLD beats MoSL)"),
-    ("mosld", "share_b", "sharing A beats sharing B"),
-    ("mola", "lora", "a mixture (MoLA) beats LoRA"),
-]
-# The paper's mixture-setting averages (LLaMA-2-7B, Table 1), for reference beside ours.
-PAPER_MIXTURE_AVG = {"lora": 69.15, "mola": 70.00, "mosl": 70.88, "mosld": 71.56, "share_b": 70.73}
+
+def borrowed_records(results_dir: Path, methods: list[str], tasks: list[str]) -> list[dict]:
+    """The trained runs of another protocol (``compare_with``) for this page: ``methods``' records only, with
+    their results on ``tasks`` only (this page's in-domain tasks)."""
+    records = [r for r in load_records(results_dir) if r["method"] in methods]
+    for r in records:
+        r["tasks"] = {t: v for t, v in r["tasks"].items() if t in tasks}
+        r["predictions"] = {key: v for key, v in r["predictions"].items() if key[0] in tasks}
+        r["answers"] = {key: v for key, v in r["answers"].items() if key[0] in tasks}
+        r["in_domain"] = [t for t in r["in_domain"] if t in tasks]
+        r["out_of_domain"] = []
+        r["borrowed"] = str(results_dir)
+    return records
 
 
 def load_records(results_dir: Path) -> list[dict]:
@@ -62,31 +80,31 @@ def _mean_sd_cell(values: list[float]) -> str:
     return f"{_pct(mean)} ± {_pct(sd)}" if len(values) > 1 else _pct(mean)
 
 
-def aggregate(
-    results_dir: Path,
-    out_md: Path,
-    figures_dir: Path | None = None,
-    resamples: int = 2000,
-    expected_runs: list[str] | None = None,
-    test_tasks: list[str] | None = None,
-) -> str:
-    """Write the results page for the records in ``results_dir`` and return its text.
+@dataclass
+class Page:
+    """What a results page is drawn from: the protocol's own records, those it is compared with, the records
+    grouped by (method, setting), the group order, the in-domain and the out-of-domain tasks."""
 
-    Args:
-        results_dir: A protocol's records (``experiments/results/<protocol>``).
-        out_md: The markdown page to write.
-        figures_dir: Where the PNG figures go; default ``<out_md's folder>/results_<protocol>``.
-        resamples: Bootstrap resamples.
-        expected_runs: The protocol's run names; the page then says which have no record yet.
-        test_tasks: The names of the protocol's test tasks; those not trained on are out-of-domain, and the page
-            says which records lack them.
-    """
+    protocol: str
+    own: list[dict]
+    records: list[dict]
+    groups: dict[tuple[str, str], list[dict]]
+    keys: list[tuple[str, str]]
+    in_domain: list[str]
+    ood: list[str]
+
+
+def load_page(results_dir: Path, test_tasks: list[str] | None = None, compare_with: list[Path] | None = None) -> Page:
+    """The records of a protocol (and of the protocols it is compared with) as a page sees them."""
     records = load_records(results_dir)
     if not records:
         raise ValueError(f"aggregate: no finished run records (metrics.json) under {results_dir}")
-    protocol = records[0]["protocol"]
-    figures_dir = figures_dir or out_md.parent / f"results_{protocol}"
-    figures_dir.mkdir(parents=True, exist_ok=True)
+    own = list(records)
+    if compare_with:
+        methods = sorted({r["method"] for r in records if r["method"] != "base"})
+        tasks = next((r["in_domain"] for r in records if r["method"] != "base"), None) or list(records[0]["tasks"])
+        for folder in compare_with:
+            records += borrowed_records(Path(folder), methods, tasks)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["setting"])].append(r)
@@ -98,14 +116,68 @@ def aggregate(
     recorded_ood = {t for r in records for t in r["out_of_domain"]}
     ood = [t for t in test_tasks or [] if t not in in_domain]
     ood += sorted(recorded_ood - set(in_domain) - set(ood))
+    return Page(records[0]["protocol"], own, records, dict(groups), keys, in_domain, ood)
 
+
+def page_claims(page: Page, boot: Bootstrap) -> list[Claim]:
+    """The paper's claims a page tests, drawn with ``boot`` and adjusted together (Holm, one family): the
+    orderings of methods in each setting, single against mixture, and the out-of-domain claims. The page
+    states exactly these verdicts."""
+    claims = ordering_claims(page.groups, PAPER_ORDERINGS, page.in_domain, boot)
+    claims += setting_claims(page.groups, page.in_domain, boot)
+    claims += ood_claims(page.groups, page.keys, page.ood, boot)
+    adjust(claims)
+    return claims
+
+
+def aggregate(
+    results_dir: Path,
+    out_md: Path,
+    figures_dir: Path | None = None,
+    resamples: int = RESAMPLES,
+    expected_runs: list[str] | None = None,
+    test_tasks: list[str] | None = None,
+    compare_with: list[Path] | None = None,
+) -> str:
+    """Write the results page for the records in ``results_dir`` and return its text.
+
+    Args:
+        results_dir: A protocol's records (``experiments/results/<protocol>``).
+        out_md: The markdown page to write.
+        figures_dir: Where the PNG figures go; default ``<out_md's folder>/results_<protocol>``.
+        resamples: Bootstrap resamples of a comparison (more where a verdict is borderline).
+        expected_runs: The protocol's run names; the page then says which have no record yet.
+        test_tasks: The names of the protocol's test tasks; those not trained on are out-of-domain, and the page
+            says which records lack them.
+        compare_with: Other protocols' results folders whose trained runs of this protocol's methods go on the
+            page beside its own, on its in-domain tasks (the mixture runs beside a single-task protocol's).
+    """
+    page = load_page(results_dir, test_tasks, compare_with)
+    protocol, own, records, groups, keys = page.protocol, page.own, page.records, page.groups, page.keys
+    in_domain, ood = page.in_domain, page.ood
+    trained = [r for r in records if r["method"] != "base"]
+    boot = Bootstrap(resamples)
+    figures_dir = figures_dir or out_md.parent / f"results_{protocol}"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+
+    borrowed = sorted({r["borrowed"] for r in records if "borrowed" in r})
     lines = [f"# Results: protocol `{protocol}`", ""]
     lines += [
-        f"Generated by `python -m mosld.experiments aggregate` from the run records ({len(records)}) in "
-        f"`{results_dir}` (do not edit by hand). " + scores_note(records) + "; mean ± s.d. over seeds; the "
+        f"Generated by `python -m mosld.experiments aggregate` from the run records ({len(own)}) in "
+        f"`{results_dir}`"
+        + (
+            f" and the {len(records) - len(own)} runs of its methods in `{'`, `'.join(borrowed)}` (on this page's "
+            "tasks only)"
+            if borrowed
+            else ""
+        )  # fmt: skip
+        + " (do not edit by hand). "
+        + scores_note(records)
+        + "; mean ± s.d. over seeds; the "
         "average is over the in-domain tasks"
         + (f"; {', '.join(ood)}: out-of-domain (never trained on). " if ood else ". ")
-        + "Every method of a seed saw the same training batches and was tested on the same items."
+        + "Every method of a seed saw the same training batches and was tested on the same items"
+        + (" (within a setting; the settings share the test items)." if borrowed else ".")
         + generation_note(records),
         "",
     ]
@@ -147,26 +219,35 @@ def aggregate(
     # ---- paired comparisons
     lines += ["", "## Paired comparisons", ""]
     lines += [
-        f"Difference of the average accuracy (points) over the in-domain tasks, with 95% intervals ({resamples} "
-        "bootstrap resamples), the smallest difference the comparison can detect (80% power, alpha 0.05), and "
-        "the exact McNemar test over all (seed, item) pairs of the in-domain tasks: `a>b` items the first "
-        "method got right and the second wrong, `b>a` the reverse. Only seeds both methods have are used.",
+        f"Difference of the average accuracy (points) over the in-domain tasks, with 95% intervals ({resamples:,} "
+        "bootstrap resamples; more where a verdict is borderline), the smallest difference the comparison can "
+        "detect (80% power, alpha 0.05), and the bootstrap p-value of no difference. Only seeds both methods "
+        "have are used.",
         "",
         INTERVALS_NOTE,
         "",
-        "| comparison | setting | seeds | " + " | ".join(COMPARISON_HEADER) + " | a>b | b>a | McNemar p |",
-        "|---|---|---|" + "---|" * 7,
+        "| comparison | setting | seeds | " + " | ".join(COMPARISON_HEADER) + " |",
+        "|---|---|---|" + "---|" * 5,
     ]
-    rows, sentences = method_comparisons(groups, PAPER_ORDERINGS, in_domain, resamples, mcnemar_exact)
-    lines += rows
+    claims = page_claims(page, boot)
+    in_domain_claims = [c for c in claims if c.where not in ood]
+    lines += comparison_rows([c for c in in_domain_claims if c.where != "mixture vs single"])
+    lines += settings_section(groups, in_domain, boot, claims)
     lines += ["", "## What the paper claims, and what holds here", ""]
-    lines += sentences or ["- No pair of methods of the paper's orderings has records yet."]
+    lines += [sentence(c) for c in in_domain_claims] or [
+        "- No pair of methods of the paper's orderings has records yet."
+    ]
+    settings = sorted({k[1] for k in keys if k[1] != "none"})
     lines += [
         "",
         '"Holds" and "is reversed" mean the 95% interval over seeds and items excludes zero; "within noise" means '
-        "it does not. For reference, the paper's mixture-setting averages (LLaMA-2-7B, 10 epochs, mean of 3 runs) "
-        "are "
-        + ", ".join(f"{NAMES[m]} {v:.2f}" for m, v in PAPER_MIXTURE_AVG.items())
+        'it does not; "borderline" means that an end of the interval is so close to zero that the bootstrap\'s own '
+        "randomness could move it across (its 99% Monte Carlo band holds zero, even after 100,000 resamples). "
+        "Holm's step-down adjustment of the bootstrap p-values over all the claims on this page (a family-wise "
+        "error of 5%) gives the second verdict. The paper's own difference is set against each interval: "
+        "outside it, this scale excludes the paper's effect; inside, it cannot tell. For reference, the paper's "
+        "averages (LLaMA-2-7B, 10 epochs, mean of 3 runs) are "
+        + "; ".join(f"{s}: {paper_averages(s)}" for s in settings)
         + "; a 135M-parameter model trained for minutes on a CPU is a different regime, so the question here "
         "is only whether the orderings survive at this scale."
         + (" The out-of-domain claims are in the next section." if ood else ""),
@@ -175,14 +256,18 @@ def aggregate(
     if base and trained:
         base_avg = np.mean([headline(base[0]["tasks"][t]) for t in in_domain])
         lines += ["", f"Each method against the zero-shot base ({_pct(base_avg)} average on the same items):", ""]
-        lines += against_base(groups, in_domain, resamples)
+        lines += against_base(groups, in_domain, boot)
         lines += ["", "Every run against the base (average, points):", ""]
         lines += ["| run | average | vs base |", "|---|---|---|"]
         for r in sorted(trained, key=lambda r: (r["setting"], METHOD_ORDER.index(r["method"]), r["seed"])):
             avg = np.mean([headline(r["tasks"][t]) for t in in_domain])
             lines.append(f"| {r['run']} | {_pct(avg)} | {100 * (avg - base_avg):+.1f} |")
     if ood:
-        lines += ood_section(groups, keys, ood, resamples)
+        lines += ood_section(groups, keys, ood, boot, claims)
+        lines += ["", "### What the paper claims out of domain, and what holds here", ""]
+        lines += [sentence(c) for c in claims if c.where in ood] or [
+            "- No out-of-domain task has records of both MoSLD and LoRA yet."
+        ]
     # ---- figures
     lines += ["", "## Figures", ""]
     tested = [t for t in in_domain + ood if any(t in r["tasks"] for r in records)]
@@ -191,7 +276,9 @@ def aggregate(
     if trained:
         _loss_figure(groups, keys).savefig(figures_dir / "train_loss.png", dpi=110, metadata={"Software": None})
         lines += [f"![training loss]({figures_dir.name}/train_loss.png)", ""]
-    lines += routing_section(records, figures_dir)
+    lines += routing_section(
+        [r for r in own if r["setting"] != "single"], figures_dir
+    )  # one model per task: no routing
     text = "\n".join(lines) + "\n"
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)

@@ -1,6 +1,8 @@
 """Statistics for comparing methods on the same test items: mean and s.d. over seeds, paired bootstrap
-intervals of the difference in macro-average accuracy (over items only, and over seeds and items), the
-smallest difference a comparison can detect, and the exact McNemar test.
+intervals of the difference in macro-average accuracy (over items only, and over seeds and items; of balanced
+accuracy too), the bootstrap p-value and Holm's adjustment, the Monte Carlo error of interval ends and
+p-values (so that a verdict does not hang on the resampling seed), the smallest difference a comparison can
+detect, and the exact McNemar test (two runs of one seed each).
 
 Correctness is held as ``{task: array (seeds, items)}`` of 0/1, with the same item order (and seeds) for
 both methods of a comparison, so every statistic is paired by item and seed. A generation task's items hold
@@ -18,7 +20,11 @@ from statistics import NormalDist
 import numpy as np
 
 Correctness = Mapping[str, np.ndarray]  # task -> (seeds, items) of 0/1 (or generation scores in [0, 1])
+Gold = Mapping[str, np.ndarray]  # task -> (items,) gold class of each item, for balanced accuracy
 _CHUNK = 250  # bootstrap resamples drawn at a time
+RESAMPLES = 10_000  # a comparison's resamples; a borderline one is drawn again with ESCALATED
+ESCALATED = 100_000
+MC_LEVEL = 0.99  # coverage of the Monte Carlo bands of interval ends and p-values
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -74,7 +80,31 @@ def _differences(a: Correctness, b: Correctness, caller: str) -> dict[str, np.nd
     return out
 
 
-def hierarchical_resamples(a: Correctness, b: Correctness, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+def _class_masks(diffs: Mapping[str, np.ndarray], gold: Gold | None) -> dict[str, np.ndarray | None]:
+    """Per task, (classes present, items) 0/1 membership of each gold class, or None (a plain mean)."""
+    out = {}
+    for task, diff in diffs.items():
+        labels = None if gold is None else gold.get(task)
+        if labels is None:
+            out[task] = None
+            continue
+        labels = np.asarray(labels)
+        if labels.shape != (diff.shape[1],):
+            raise ValueError(f"balanced accuracy: task {task!r} has {diff.shape[1]} items but {labels.shape} labels")
+        out[task] = (labels[None, :] == np.unique(labels)[:, None]).astype(float)
+    return out
+
+
+def _resample_weights(rng: np.random.Generator, size: int, resamples: int) -> np.ndarray:
+    """(resamples, size): how often each of ``size`` units is drawn in each resample (``size`` draws with
+    replacement), divided by ``size``. Counted from drawn indices: 8x faster than ``rng.multinomial`` here."""
+    picks = rng.integers(0, size, (resamples, size)) + size * np.arange(resamples)[:, None]
+    return np.bincount(picks.ravel(), minlength=resamples * size).reshape(resamples, size) / size
+
+
+def hierarchical_resamples(
+    a: Correctness, b: Correctness, resamples: int = 2000, seed: int = 0, gold: Gold | None = None
+) -> np.ndarray:
     """Bootstrap distribution of the macro-average difference ``a - b`` over seeds and items.
 
     Each resample draws the seeds with replacement (one draw for all tasks: a seed is a training run), then
@@ -84,20 +114,34 @@ def hierarchical_resamples(a: Correctness, b: Correctness, resamples: int = 2000
     side for the seed x item interaction; with few seeds its seed part is narrow by a factor
     sqrt((seeds - 1) / seeds), as any bootstrap of that many values is. With one seed it is the item-only
     bootstrap (``paired_bootstrap``).
+
+    With ``gold`` (task -> the gold class of each item), a task's statistic is the difference of *balanced*
+    accuracy, the mean over gold classes of the recall, recomputed in every resample as a ratio: each class's
+    resampled sum of differences over its resampled item count (a class no item of a resample has is left out
+    of that resample's mean).
     """
     diffs = _differences(a, b, "hierarchical_bootstrap")
+    masks = _class_masks(diffs, gold)
     rng = np.random.default_rng(seed)
     seeds = max(len(d) for d in diffs.values())
     out = []
     for start in range(0, resamples, _CHUNK):  # in chunks: a full test split's item weights are large
         n = min(_CHUNK, resamples - start)
-        seed_weights = rng.multinomial(seeds, np.full(seeds, 1 / seeds), size=n) / seeds  # (n, seeds)
+        seed_weights = _resample_weights(rng, seeds, n)  # (n, seeds)
         total = np.zeros(n)
-        for diff in diffs.values():
+        for task, diff in diffs.items():
             d = np.broadcast_to(diff, (seeds, diff.shape[1]))
-            items = d.shape[1]
-            item_weights = rng.multinomial(items, np.full(items, 1 / items), size=n) / items
-            total += ((item_weights @ d.T) * seed_weights).sum(axis=1)  # per resample: weighted mean over both
+            item_weights = _resample_weights(rng, d.shape[1], n)  # (n, items)
+            if masks[task] is None:
+                total += ((item_weights @ d.T) * seed_weights).sum(axis=1)  # per resample: weighted mean over both
+                continue
+            recalls = []
+            for member in masks[task]:  # one gold class: its weighted sum over its weighted count
+                weighted = item_weights * member
+                count = weighted.sum(axis=1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    recalls.append(((weighted @ d.T) * seed_weights).sum(axis=1) / count)
+            total += np.nanmean(np.array(recalls), axis=0)
         out.append(total / len(diffs))
     return np.concatenate(out)
 
@@ -117,8 +161,16 @@ def hierarchical_bootstrap(
     return _macro_difference(a, b), float(low), float(high)
 
 
-def _macro_difference(a: Correctness, b: Correctness) -> float:
-    return float(np.mean([np.mean(a[t]) - np.mean(b[t]) for t in sorted(a)]))
+def _macro_difference(a: Correctness, b: Correctness, gold: Gold | None = None) -> float:
+    """Mean over tasks of the difference of accuracy (of balanced accuracy for the tasks in ``gold``)."""
+    diffs = _differences(a, b, "difference")
+    masks = _class_masks(diffs, gold)
+    per_task = []
+    for task, diff in diffs.items():
+        per_item = diff.mean(axis=0)
+        member = masks[task]
+        per_task.append(per_item.mean() if member is None else np.mean(member @ per_item / member.sum(axis=1)))
+    return float(np.mean(per_task))
 
 
 def detectable_difference(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -129,35 +181,150 @@ def detectable_difference(se: float, alpha: float = 0.05, power: float = 0.8) ->
     return (z(1 - alpha / 2) + z(power)) * se
 
 
+def quantile_band(ordered: np.ndarray, q: float, level: float = MC_LEVEL) -> tuple[float, float]:
+    """Where the ``q`` quantile of the bootstrap distribution lies, given ``ordered`` (B sorted resamples): the
+    order statistics at ranks ``B q -+ z sqrt(B q (1 - q))``. This is the Monte Carlo error of an interval end
+    (another bootstrap seed moves the end within it with probability ``level``), distribution-free: the count
+    of resamples below the true quantile is binomial(B, q)."""
+    n = len(ordered)
+    spread = NormalDist().inv_cdf((1 + level) / 2) * math.sqrt(n * q * (1 - q))
+    low, high = math.floor(n * q - spread), math.ceil(n * q + spread)
+    return float(ordered[max(low, 0)]), float(ordered[min(high, n - 1)])
+
+
+def bootstrap_p(resampled: np.ndarray, level: float = MC_LEVEL) -> tuple[float, tuple[float, float]]:
+    """Two-sided p-value of "no difference" from the bootstrap distribution, and its Monte Carlo band.
+
+    ``p = 2 min(share of resamples <= 0, share >= 0)``, with the +1 of a Monte Carlo test ((k + 1) / (B + 1)):
+    the level at which the percentile interval would just reach 0, so ``p < 0.05`` exactly when the 95% interval
+    excludes 0 (up to that +1). It respects the seeds as the interval does: seeds and items are resampled
+    together, the same items for every seed, where the pooled McNemar test took every (seed, item) pair as an
+    independent one. The band is the binomial error of the tail share at ``level``.
+    """
+    n = len(resampled)
+    tail = min(int((resampled <= 0).sum()), int((resampled >= 0).sum()))
+    share = (tail + 1) / (n + 1)
+    spread = NormalDist().inv_cdf((1 + level) / 2) * math.sqrt(share * (1 - share) / n)
+    return min(1.0, 2 * share), (max(0.0, 2 * (share - spread)), min(1.0, 2 * (share + spread)))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error): ``max over j <= i of min(1, (m - j + 1) p_(j))`` in the
+    order of the sorted p-values, returned in the input order. By hand: scipy has only the false discovery rate
+    (``false_discovery_control``) and statsmodels is not a dependency."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 @dataclass(frozen=True)
 class Comparison:
     """A paired comparison ``a - b``: the difference, its 95% intervals over seeds and items (``seeds``) and
-    over items only (``items``), the standard error over seeds and items, and the smallest difference
-    detectable at 80% power (alpha 0.05) with that error."""
+    over items only (``items``), the standard error over seeds and items, the smallest difference detectable at
+    80% power (alpha 0.05) with that error, the bootstrap p-value (seeds and items), and the Monte Carlo bands
+    (99%) of the seed-aware interval's ends and of the p-value, from ``resamples`` resamples."""
 
     diff: float
     seeds: tuple[float, float]
     items: tuple[float, float]
     se: float
     detectable: float
+    p: float = 1.0
+    resamples: int = 0
+    low_band: tuple[float, float] = (0.0, 0.0)
+    high_band: tuple[float, float] = (0.0, 0.0)
+    p_band: tuple[float, float] = (1.0, 1.0)
 
     def verdict(self) -> str:
-        """``holds`` (the seed-aware interval above 0), ``is reversed`` (below) or ``is within noise``."""
-        low, high = self.seeds
-        return "holds" if low > 0 else "is reversed" if high < 0 else "is within noise"
+        """``holds`` (the seed-aware interval above 0), ``is reversed`` (below), ``is within noise`` (it holds 0),
+        or ``is borderline`` when the Monte Carlo band of an interval end holds 0: another bootstrap seed could
+        turn the verdict."""
+        if self.low_band[0] > 0:
+            return "holds"
+        if self.high_band[1] < 0:
+            return "is reversed"
+        return "is borderline" if self.unsettled_end() else "is within noise"
+
+    def unsettled_end(self) -> str | None:
+        """``lower`` or ``upper``: the end of the seed-aware interval whose Monte Carlo band has 0 inside it (so
+        that another bootstrap seed could put the end on the other side of 0), else ``None``."""
+        if self.low_band[0] <= 0 < self.low_band[1]:
+            return "lower"
+        if self.high_band[0] < 0 <= self.high_band[1]:
+            return "upper"
+        return None
+
+    def place(self, value: float) -> str:
+        """Where ``value`` (e.g. the paper's effect) lies against the seed-aware interval: ``above``, ``below``,
+        ``inside``, or ``at the edge`` (within the Monte Carlo band of an end)."""
+        if value > self.high_band[1]:
+            return "above"
+        if value < self.low_band[0]:
+            return "below"
+        if self.low_band[1] <= value <= self.high_band[0]:
+            return "inside"
+        return "at the edge"
 
 
-def compare(a: Correctness, b: Correctness, resamples: int = 2000, seed: int = 0) -> Comparison:
-    """``a - b`` with both intervals (``hierarchical_bootstrap`` and ``paired_bootstrap``) at 95%."""
-    resampled = hierarchical_resamples(a, b, resamples, seed)
+def compare(
+    a: Correctness,
+    b: Correctness,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    gold: Gold | None = None,
+    escalate_to: int = ESCALATED,
+) -> Comparison:
+    """``a - b`` with both intervals (``hierarchical_resamples`` and ``paired_bootstrap``) at 95%, the bootstrap
+    p-value and the Monte Carlo bands of both. Where the verdict comes out borderline, the comparison is drawn
+    again with ``escalate_to`` resamples (the bands narrow as 1 / sqrt(resamples)) and that one is returned.
+    ``gold``: compare balanced accuracy on the tasks it names (``hierarchical_resamples``)."""
+    result = _compare(a, b, resamples, seed, gold)
+    if result.verdict() == "is borderline" and escalate_to > resamples:
+        result = _compare(a, b, escalate_to, seed, gold)
+    return result
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """How a page resamples: ``resamples`` per comparison (``ESCALATED`` where a verdict is borderline) and the
+    seed of every comparison's random draws."""
+
+    resamples: int = RESAMPLES
+    seed: int = 0
+
+    def compare(self, a: Correctness, b: Correctness, gold: Gold | None = None) -> Comparison:
+        return compare(a, b, self.resamples, self.seed, gold, max(ESCALATED, self.resamples))
+
+
+def _compare(a: Correctness, b: Correctness, resamples: int, seed: int, gold: Gold | None) -> Comparison:
+    resampled = np.sort(hierarchical_resamples(a, b, resamples, seed, gold))
     low, high = np.quantile(resampled, [0.025, 0.975])
     # one reference run against every seed: the item-only bootstrap pairs it with each seed's row
     shape = {t: (max(len(a[t]), len(b[t])), a[t].shape[1]) for t in a}
     a_rows, b_rows = ({t: np.broadcast_to(x[t], shape[t]) for t in x} for x in (a, b))
-    _, item_low, item_high = paired_bootstrap(a_rows, b_rows, resamples, seed)
+    if gold:  # balanced accuracy's item-only interval: the same resampling with the seeds held fixed
+        fixed = {t: x.mean(axis=0, keepdims=True) for t, x in _differences(a_rows, b_rows, "compare").items()}
+        zeros = {t: np.zeros_like(x) for t, x in fixed.items()}
+        item_low, item_high = np.quantile(hierarchical_resamples(fixed, zeros, resamples, seed, gold), [0.025, 0.975])
+    else:
+        _, item_low, item_high = paired_bootstrap(a_rows, b_rows, resamples, seed)
     se = float(resampled.std(ddof=1))
-    return Comparison(_macro_difference(a, b), (float(low), float(high)), (item_low, item_high), se,
-                      detectable_difference(se))  # fmt: skip
+    p, p_band = bootstrap_p(resampled)
+    return Comparison(
+        diff=_macro_difference(a, b, gold),
+        seeds=(float(low), float(high)),
+        items=(float(item_low), float(item_high)),
+        se=se,
+        detectable=detectable_difference(se),
+        p=p,
+        resamples=resamples,
+        low_band=quantile_band(resampled, 0.025),
+        high_band=quantile_band(resampled, 0.975),
+        p_band=p_band,
+    )
 
 
 def mcnemar_exact(a: Correctness, b: Correctness) -> tuple[int, int, float]:
