@@ -8,7 +8,6 @@ scored cloze-style after the task's prompt. ``accuracy_sum`` (unnormalised) and 
 
 from __future__ import annotations
 
-import inspect
 import re
 import time
 from collections.abc import Sequence
@@ -22,6 +21,8 @@ from mosld.data.datamodule import eval_loader
 from mosld.data.prompts import FAMILY_TEMPLATES, EncodedItem, encode_examples, get_template
 from mosld.data.tasks import EVAL_SAMPLE_SEED, LETTERS, load_task, seeded_sample, task_family, task_name
 
+from .decoding import forward_parameters
+
 HEADLINE = "accuracy_norm"
 SCORINGS = {"accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm", "accuracy_token_norm": "correct_token_norm"}
 
@@ -30,15 +31,6 @@ def _argmax_per_item(scores: Tensor, item_index: Tensor, choice_index: Tensor, n
     table = scores.new_full((num_items, int(choice_index.max()) + 1), float("-inf"))
     table[item_index, choice_index] = scores
     return table.argmax(dim=1)
-
-
-def forward_parameters(model: torch.nn.Module) -> set[str]:
-    """Names of the parameters of ``model.forward`` (empty when they cannot be read)."""
-    forward = getattr(model, "forward", None)
-    try:
-        return set(inspect.signature(forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def supports_prompt_sharing(model: torch.nn.Module) -> bool:
