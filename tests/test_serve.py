@@ -269,8 +269,9 @@ def test_a_client_leaving_mid_stream_cancels_its_row_and_nothing_crashes(server,
     assert health["errors"] == 0 and health["cancelled"] == 1  # its row stopped before its 256 tokens
 
 
-def test_static_gates_serve_the_collapsed_adapter(run_dir, tiny_model_dir):
-    """--static-gates NAME loads fixed gates from the run's peft/gates.json (scripts/export_peft.py's format)."""
+def test_static_gates_and_peft_serve_the_collapsed_adapter(run_dir, tiny_model_dir, tmp_path):
+    """--static-gates NAME loads fixed gates from the run's peft/gates.json (scripts/export_peft.py's format);
+    --peft serves the same collapse exported as a peft LoRA, run by peft."""
     routed = load_served_model(run=run_dir, device="cpu")
     layers = mosld.adapters.static.routed_layers(routed.model)
     gates = {name: torch.softmax(torch.arange(layer.num_experts, dtype=torch.float32), 0).tolist()
@@ -284,3 +285,10 @@ def test_static_gates_serve_the_collapsed_adapter(run_dir, tiny_model_dir):
     assert not torch.allclose(routed.model(input_ids=ids).logits, fixed.model(input_ids=ids).logits)
     with pytest.raises(ValueError, match="mixture"):
         load_served_model(run=run_dir, device="cpu", static_gates="arc_easy")
+    pytest.importorskip("peft")
+    mosld.export_peft(routed.model, tmp_path / "lora", {k: torch.tensor(v) for k, v in gates.items()})
+    for merge in (False, True):
+        lora = load_served_model(peft=tmp_path / "lora", device="cpu", merge_peft=merge)
+        assert "peft LoRA" in lora.description
+        torch.testing.assert_close(lora.model(input_ids=ids).logits, fixed.model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)  # fmt: skip

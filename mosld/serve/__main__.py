@@ -5,6 +5,7 @@ Examples::
     python -m mosld.serve --run lightning_logs/version_0                    # the routed mixture, port 8000
     python -m mosld.serve --run lightning_logs/version_0 --static-gates mixture   # the collapsed adapter
     python -m mosld.serve --adapter out/adapter --port 8001
+    python -m mosld.serve --peft lightning_logs/version_0/peft/mixture           # the exported LoRA, run by peft
     python -m mosld.serve --base embedded:smollm2-135m --name smollm2
 
 Then: ``curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json'
@@ -25,13 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mosld.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    what = parser.add_argument_group("what to serve (one of --run, --adapter, --base)")
+    what = parser.add_argument_group("what to serve (one of --run, --adapter, --peft, --base)")
     what.add_argument("--run", type=Path, help="a finished run folder (lightning_logs/version_N)")
     what.add_argument("--adapter", type=Path, help="a mosld adapter folder (its base from its config, or --base)")
     what.add_argument("--base", help="base model: hub id, folder or embedded:smollm2-135m (overrides the run's)")
     what.add_argument("--static-gates", metavar="TASK|mixture", help="serve the collapsed adapter: fixed gates of "
                       "a training task or of the mixture, from RUN/peft/gates.json (scripts/export_peft.py)")  # fmt: skip
     what.add_argument("--gates", type=Path, help="the gates.json for --static-gates (default RUN/peft/gates.json)")
+    what.add_argument("--peft", type=Path, help="a peft LoRA folder (scripts/export_peft.py), run by peft, unmerged")
+    what.add_argument("--merge-peft", action="store_true", help="merge the --peft LoRA into the base weights")
     how = parser.add_argument_group("how")
     how.add_argument("--name", default="mosld", help="the model name clients ask for (default: mosld)")
     how.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), help="base weights' dtype "
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         served = load_served_model(
             run=args.run, adapter=args.adapter, base=args.base, dtype=args.dtype, precision=args.precision,
             quantization_bits=args.quantization_bits, device=args.device, static_gates=args.static_gates,
-            gates_file=args.gates, context_length=args.context_length,
+            gates_file=args.gates, peft=args.peft, merge_peft=args.merge_peft, context_length=args.context_length,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

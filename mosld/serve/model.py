@@ -4,7 +4,9 @@ A run folder (``lightning_logs/version_N``) names its base, dtype and quantizati
 ``model`` section) and its precision in the ``trainer`` section (``auto`` is recorded there as what it chose);
 its adapter is ``adapter/``. The adapter is injected with ``mosld.load_adapter``: routers and every expert, so
 the mixture is served routed per token exactly as trained. ``static_gates`` names a set of fixed gates from the
-run's ``peft/gates.json`` (``scripts/export_peft.py``): the collapsed adapter, for comparison.
+run's ``peft/gates.json`` (``scripts/export_peft.py``): the collapsed adapter, for comparison, still computed by
+mosld's layers. ``peft`` serves an exported peft LoRA folder with peft itself, unmerged, as a multi-LoRA server
+would run the collapsed adapter (``merge_peft`` merges it into the base: then it costs what the base costs).
 """
 
 from __future__ import annotations
@@ -84,17 +86,24 @@ def load_served_model(
     device: str = "auto",
     static_gates: str | None = None,
     gates_file: Path | None = None,
+    peft: Path | None = None,
+    merge_peft: bool = False,
     context_length: int | None = None,
 ) -> ServedModel:
     """Load what ``python -m mosld.serve`` serves (see the module docstring); the options override the run's."""
-    if run is not None and adapter is not None:
-        raise ValueError("--run and --adapter: give one (a run folder holds its adapter in adapter/)")
+    if sum(x is not None for x in (run, adapter, peft)) > 1:
+        raise ValueError("--run, --adapter and --peft: give one (a run folder holds its adapter in adapter/)")
     quantization, run_precision = QuantizationConfig(), "32-true"
     if run is not None:
         spec = spec_from_run(run)
         quantization, run_precision = _run_settings(Path(run))
     elif adapter is not None:
         spec = spec_from_adapter(adapter)
+    elif peft is not None:
+        config = Path(peft) / "adapter_config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"--peft {peft}: no adapter_config.json (expected a peft LoRA folder)")
+        spec = ModelSpec(base=json.loads(config.read_text()).get("base_model_name_or_path") or "", adapter=None)
     elif base:
         spec = ModelSpec(base=base, adapter=None)
     else:
@@ -118,6 +127,12 @@ def load_served_model(
     )
     if spec.adapter is not None:
         model = load_adapter(model, spec.adapter)
+    if peft is not None:
+        import peft as peft_library  # only for this option (the bench and dev extras have it)
+
+        model = peft_library.PeftModel.from_pretrained(model, str(peft))
+        if merge_peft:
+            model = model.merge_and_unload()
     if static_gates is not None:
         if spec.adapter is None:
             raise ValueError("--static-gates: a plain base has no gates; give --run or --adapter")
@@ -132,7 +147,8 @@ def load_served_model(
     model.eval()
     tokenizer = load_tokenizer(base_name, trust_remote_code=spec.trust_remote_code)
     limit = context_length or getattr(model.config, "max_position_embeddings", None) or 2048
-    what = f"{spec.adapter or base_name} on {base_name}" if spec.adapter else base_name
+    what = f"{spec.adapter or peft} on {base_name}" if spec.adapter or peft else base_name
     routing = f", fixed gates {static_gates!r}" if static_gates else (", routed per token" if spec.adapter else "")
+    routing += (", peft LoRA merged" if merge_peft else ", peft LoRA") if peft else ""
     description = f"{what}{routing}; {precision}, {next(model.parameters()).device}"
     return ServedModel(model, tokenizer, autocast, int(limit), description)
