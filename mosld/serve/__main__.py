@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--gates", type=Path, help="the gates.json for --static-gates (default RUN/peft/gates.json)")
     what.add_argument("--peft", type=Path, help="a peft LoRA folder (scripts/export_peft.py), run by peft, unmerged")
     what.add_argument("--merge-peft", action="store_true", help="merge the --peft LoRA into the base weights")
+    what.add_argument("--no-adapter", action="store_true", help="serve the run's (or adapter's) base without the "
+                      "adapter, with the run's dtype, precision and quantization: the baseline")  # fmt: skip
     how = parser.add_argument_group("how")
     how.add_argument("--name", default="mosld", help="the model name clients ask for (default: mosld)")
     how.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), help="base weights' dtype "
@@ -79,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         served = load_served_model(
             run=args.run, adapter=args.adapter, base=args.base, dtype=args.dtype, precision=args.precision,
             quantization_bits=args.quantization_bits, device=args.device, static_gates=args.static_gates,
-            gates_file=args.gates, peft=args.peft, merge_peft=args.merge_peft, context_length=args.context_length,
+            gates_file=args.gates, peft=args.peft, merge_peft=args.merge_peft, no_adapter=args.no_adapter,
+            context_length=args.context_length,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

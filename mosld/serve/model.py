@@ -48,7 +48,7 @@ class ServedModel:
     description: str
 
 
-def _run_settings(run: Path) -> tuple[QuantizationConfig, str]:
+def run_settings(run: Path) -> tuple[QuantizationConfig, str]:
     """The run's base quantization and trainer precision (its ``config.yaml``)."""
     config = yaml.safe_load((run / "config.yaml").read_text()) or {}
     model = config.get("model") or {}
@@ -88,6 +88,7 @@ def load_served_model(
     gates_file: Path | None = None,
     peft: Path | None = None,
     merge_peft: bool = False,
+    no_adapter: bool = False,
     context_length: int | None = None,
 ) -> ServedModel:
     """Load what ``python -m mosld.serve`` serves (see the module docstring); the options override the run's."""
@@ -96,7 +97,7 @@ def load_served_model(
     quantization, run_precision = QuantizationConfig(), "32-true"
     if run is not None:
         spec = spec_from_run(run)
-        quantization, run_precision = _run_settings(Path(run))
+        quantization, run_precision = run_settings(Path(run))
     elif adapter is not None:
         spec = spec_from_adapter(adapter)
     elif peft is not None:
@@ -108,6 +109,8 @@ def load_served_model(
         spec = ModelSpec(base=base, adapter=None)
     else:
         raise ValueError("give --run, --adapter or --base (the model to serve)")
+    if no_adapter:  # the run's base with the run's settings: the baseline a benchmark compares with
+        spec = ModelSpec(spec.base, None, spec.dtype, spec.trust_remote_code)
     base_name = base or spec.base
     if not base_name:
         raise ValueError(f"--adapter {adapter}: its config does not name the base model; give --base")
