@@ -118,7 +118,7 @@ def test_models_and_health(client, server):
     assert status == 200 and health["status"] == "ok" and "routed per token" in health["serving"]
 
 
-def test_chat_and_completion_answer_with_usage(client, tokenizer):
+def test_chat_and_completion_answer_with_usage(client, server, tokenizer):
     messages = [{"role": "user", "content": "Name a colour."}]
     chat = client.chat.completions.create(model="mosld", messages=messages, max_tokens=8, temperature=0)
     prompt = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
@@ -127,6 +127,10 @@ def test_chat_and_completion_answer_with_usage(client, tokenizer):
     assert chat.choices[0].message.content and chat.choices[0].finish_reason == "length"
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens) == (
         len(prompt), 8, len(prompt) + 8)  # fmt: skip
+    parts = {"model": "mosld", "max_tokens": 8, "temperature": 0,
+             "messages": [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}]}  # fmt: skip
+    status, answer = raw(server[1], "POST", "/v1/chat/completions", json.dumps(parts).encode())
+    assert status == 200 and answer["choices"][0]["message"]["content"] == chat.choices[0].message.content
     text = complete(client, PROMPTS[0])
     assert text.object == "text_completion" and text.choices[0].text and text.usage.completion_tokens == 12
     assert text.usage.prompt_tokens == len(tokenizer(PROMPTS[0])["input_ids"])
@@ -217,6 +221,7 @@ def test_served_answers_are_mosld_evaluates_generations(client, run_dir, tiny_mo
     assert generation_defaults(CHAT_TASK).template == "chat" and generation_defaults(PLAIN_TASK).template == "plain"
 
 
+CHAT = {"model": "mosld", "messages": [{"role": "user", "content": "x"}]}
 BAD_REQUESTS = {
     "malformed JSON": ("/v1/completions", b'{"model": "mosld", "prompt": ', 400),
     "not an object": ("/v1/completions", b'["mosld"]', 400),
@@ -230,6 +235,8 @@ BAD_REQUESTS = {
     "unknown model": ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404),
     "prompt over the context": ("/v1/completions", {"model": "mosld", "prompt": [17] * 600}, 400),
     "answer over the context": ("/v1/completions", {"model": "mosld", "prompt": [17] * 500, "max_tokens": 60}, 400),
+    "max_completion_tokens 0": ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, 400),
+    "content a number": ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 7}]}, 400),
     "max_tokens 0": ("/v1/completions", {"model": "mosld", "prompt": "x", "max_tokens": 0}, 400),
     "max_tokens negative": ("/v1/completions", {"model": "mosld", "prompt": "x", "max_tokens": -3}, 400),
     "max_tokens absurd": ("/v1/completions", {"model": "mosld", "prompt": "x", "max_tokens": 10**12}, 400),

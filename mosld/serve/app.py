@@ -73,7 +73,10 @@ class Server:
         messages = [m.as_template_message() for m in request.messages]
         # As generation tasks encode chat prompts (mosld.data.generation): the template's text, then its tokens
         # without added special tokens (the template writes its own), so served and evaluated prompts are one.
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # templates raise on conversations they do not take (e.g. roles out of order)
+            raise RequestError(400, f"messages: the chat template refused them: {err}", "messages") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def completion_prompt(self, request: CompletionRequest) -> list[int]:
@@ -142,7 +145,9 @@ def create_app(server: Server) -> FastAPI:
             body = parse_body(await request.body(), ChatRequest if chat else CompletionRequest)
             server.check_model(body)
             prompt = server.chat_prompt(body) if chat else server.completion_prompt(body)
-            requested = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+            requested = body.max_tokens
+            if chat and body.max_completion_tokens is not None:
+                requested = body.max_completion_tokens
             options = server.options(body, prompt, requested)
         except RequestError as err:
             return error_response(err)
