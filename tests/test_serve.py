@@ -22,7 +22,8 @@ import mosld
 from mosld.data.generation import encode_generation_examples
 from mosld.data.tasks import generation_defaults, load_task
 from mosld.evaluation import evaluate
-from mosld.evaluation.generation import generate_items
+from mosld.evaluation.decoding import DecodeOptions, left_pad
+from mosld.evaluation.generation import generate_batch, generate_items
 from mosld.models import load_base_model, load_tokenizer
 from mosld.serve.model import load_served_model
 
@@ -299,3 +300,13 @@ def test_static_gates_and_peft_serve_the_collapsed_adapter(run_dir, tiny_model_d
         assert "peft LoRA" in lora.description
         torch.testing.assert_close(lora.model(input_ids=ids).logits, fixed.model(input_ids=ids).logits,
                                    atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_a_quantized_base_is_served_with_its_adapter(run_dir, tokenizer):
+    """--quantization-bits 4 (or the run's model.quantization): the adapters wrap bitsandbytes' 4-bit layers."""
+    pytest.importorskip("bitsandbytes")
+    served = load_served_model(run=run_dir, device="cpu", quantization_bits=4)
+    assert type(served.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    batch = {**left_pad([[5, 17, 300], [9]], tokenizer.pad_token_id), "generation": DecodeOptions(4)}
+    texts = generate_batch(served.model, batch, tokenizer)
+    assert len(texts) == 2 and all(texts)
