@@ -136,6 +136,7 @@ def test_chat_and_completion_answer_with_usage(client, server, tokenizer):
     assert text.object == "text_completion" and text.choices[0].text and text.usage.completion_tokens == 12
     assert text.usage.prompt_tokens == len(tokenizer(PROMPTS[0])["input_ids"])
     assert complete(client, PROMPTS[0]).choices[0].text == text.choices[0].text  # greedy repeats
+    assert complete(client, PROMPTS[0], echo=True).choices[0].text == PROMPTS[0] + text.choices[0].text
 
 
 def test_streamed_answers_add_up_to_the_whole_answer(client):
