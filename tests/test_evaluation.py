@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from mosld.data import MultiTaskDataModule, encode_examples, load_task
 from mosld.data.datamodule import eval_loader
 from mosld.data.generation import GenerationSpec, encode_generation_examples
-from mosld.data.tasks import Example, TaskDataError
+from mosld.data.prompts import FAMILY_TEMPLATES
+from mosld.data.tasks import Example, TaskDataError, task_family
 from mosld.evaluation import (
     evaluate,
     extract_choice,
@@ -16,6 +17,7 @@ from mosld.evaluation import (
     score_batch,
     supports_prompt_sharing,
 )
+from mosld.evaluation.decoding import DecodeOptions
 from mosld.evaluation.generation import left_pad
 from mosld.models import load_tokenizer
 
@@ -141,6 +143,28 @@ def test_generation_mode_extracts_an_answer(tiny_model, tokenizer):
     assert result["headline"] == "accuracy_generate"
     assert 0.0 <= result["accuracy"]["example_task"] <= 1.0
     assert result["metrics"]["example_task"]["num_items"] == 12
+
+
+def test_generation_mode_picks_what_transformers_generate_picks(tiny_model, tokenizer):
+    """The generation mode decodes with mosld's one decoder; its answers are those of ``model.generate``
+    (greedy, the first line of the continuation), which it used before."""
+    examples = load_task(EXAMPLE_TASK, "validation")
+    items = encode_examples(examples, tokenizer, FAMILY_TEMPLATES[task_family(EXAMPLE_TASK)], 512)
+    batch = left_pad([item.prompt for item in items], tokenizer.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        out = tiny_model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    texts = [tokenizer.decode(row, skip_special_tokens=True).split("\n")[0] for row in out[:, width:].tolist()]
+    assert len({t.strip() for t in texts}) > 1  # the random model says different things
+    preds = [extract_choice(t, e.choices) for t, e in zip(texts, examples, strict=True)]
+    expected = sum(float(p == e.label) for p, e in zip(preds, examples, strict=True)) / len(examples)
+    result = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK], split="validation", method="generate", max_new_tokens=6,
+                      batch_size=5)  # fmt: skip
+    assert result["accuracy"]["example_task"] == pytest.approx(expected)
+    assert generate_batch(tiny_model, {**batch, "generation": DecodeOptions(6, ("\n",))}, tokenizer) == [
+        t.strip() for t in texts
+    ]
 
 
 def write_rows(folder, rows) -> None:

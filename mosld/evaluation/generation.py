@@ -1,17 +1,10 @@
-"""Evaluation by generation: batched greedy decoding with the KV cache, then a metric per item.
+"""Evaluation by generation: prompts decoded by the one decoder (``mosld.evaluation.decoding``), then a metric
+per item.
 
 ``generate_batch`` decodes a generation eval batch (prompts left-padded, so that every row's next token is
-predicted in the last column) one token per step on the prompt's KV cache. It is a short loop rather than
-``model.generate``, so that what each model call receives is explicit and the same for every adapter method:
-
-- ``position_ids`` count each row's real tokens (left padding does not shift them), as in an unpadded run;
-- every call passes the ``attention_mask``, in which padding and the steps of rows that already stopped are
-  0, so the adapters' routing statistics (``mosld.adapters.inject._track_padding``) count only real tokens;
-- ``use_cache=True`` whatever the model's config says (the training module turns it off for training);
-- the vocabulary projection runs on the last position only (``logits_to_keep=1``).
-
-A row stops at an EOS id (the tokenizer's, and the model's ``generation_config`` ones) or once its decoded
-text contains a stop string; the loop ends when every row has stopped or after ``max_new_tokens``.
+predicted in the last column) greedily with the task's ``max_new_tokens`` and stop strings, on the prompt's
+KV cache: ``decode_steps`` with the same options for every row. What each model call receives, and why,
+is described there.
 """
 
 from __future__ import annotations
@@ -20,49 +13,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from .decoding import DecodeOptions, cut_at_stop, decode_steps, eos_token_ids, left_pad
 from .metrics import METRICS
-from .multiple_choice import forward_parameters
+
+__all__ = ["cut_at_stop", "eos_token_ids", "evaluate_generation", "generate_batch", "generate_items", "left_pad"]
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The token ids that end a generation: the tokenizer's EOS and the model's ``generation_config`` ones."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, (list, tuple)):
-        ids.update(int(i) for i in configured)
-    return ids
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
-    """``input_ids`` and ``attention_mask`` (batch, longest prompt) with the prompts left-padded."""
-    width = max((len(p) for p in prompts), default=0)
-    return {
-        "input_ids": torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long),
-        "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long),
-    }
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to the first occurrence of any stop string."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
-
-
-@torch.inference_mode()
 def generate_batch(model: torch.nn.Module, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Greedy continuations of a batch of left-padded prompts.
 
     Args:
-        model: Causal LM taking ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values``
-            (or ``cache``) and ``use_cache`` (Hugging Face causal LMs, with or without adapters). Its
-            train/eval mode is left as it is (callers put it in eval mode).
+        model: Causal LM (see ``decode_steps``). Its train/eval mode is left as it is (callers put it in eval mode).
         batch: ``input_ids`` and ``attention_mask`` (batch, prompt length), the prompts left-padded; and
             ``generation``, the task's spec (read: ``max_new_tokens``, ``stop``).
         tokenizer: Decodes the tokens; its ``eos_token_id`` (and ``pad_token_id``, fed to stopped rows).
@@ -71,47 +34,13 @@ def generate_batch(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Pre
         Per row, the decoded continuation (special tokens skipped) cut before the first stop string, stripped.
     """
     spec = batch["generation"]
-    max_new_tokens, stop = int(spec.max_new_tokens), tuple(s for s in (spec.stop or ()) if s)
-    device = next(model.parameters()).device
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device).long()
-    rows = ids.shape[0]
-    if rows == 0 or max_new_tokens <= 0:
-        return [""] * rows
-    eos = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
-    params = forward_parameters(model)
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
-    next_position = mask.sum(1, keepdim=True)  # (rows, 1): each row's number of real tokens so far
-    generated: list[list[int]] = [[] for _ in range(rows)]
-    running = [True] * rows
-    for step in range(max_new_tokens):
-        tokens = out.logits[:, -1].argmax(-1)
-        for row, token in enumerate(tokens.tolist()):
-            if not running[row]:
-                continue
-            if token in eos:
-                running[row] = False
-                continue
-            generated[row].append(token)
-            if stop and any(s in tokenizer.decode(generated[row], skip_special_tokens=True) for s in stop):
-                running[row] = False
-        if step == max_new_tokens - 1 or not any(running):
-            break
-        alive = torch.tensor(running, device=device)
-        feed = torch.where(alive, tokens, torch.full_like(tokens, pad_id))[:, None]
-        mask = torch.cat([mask, alive.long()[:, None]], dim=1)  # a stopped row's steps are padding
-        cache = getattr(out, "cache", None) or out.past_key_values
-        out = model(
-            input_ids=feed, attention_mask=mask, position_ids=next_position, use_cache=True,
-            **{cache_arg: cache}, **last_only,
-        )  # fmt: skip
-        next_position = next_position + 1
-    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    return [cut_at_stop(text, stop).strip() for text in texts]
+    options = DecodeOptions(int(spec.max_new_tokens), tuple(spec.stop or ()))
+    texts = [""] * batch["input_ids"].shape[0]
+    for updates in decode_steps(model, tokenizer, batch["input_ids"], batch["attention_mask"], [options] * len(texts)):
+        for update in updates:
+            if update.text is not None:
+                texts[update.row] = update.text
+    return [text.strip() for text in texts]
 
 
 def get_metric(metric: str | Callable[[str, Sequence[str]], float]) -> Callable[[str, Sequence[str]], float]:

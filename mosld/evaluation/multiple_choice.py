@@ -8,7 +8,6 @@ scored cloze-style after the task's prompt. ``accuracy_sum`` (unnormalised) and 
 
 from __future__ import annotations
 
-import inspect
 import re
 import time
 from collections.abc import Sequence
@@ -22,6 +21,9 @@ from mosld.data.datamodule import eval_loader
 from mosld.data.prompts import FAMILY_TEMPLATES, EncodedItem, encode_examples, get_template
 from mosld.data.tasks import EVAL_SAMPLE_SEED, LETTERS, load_task, seeded_sample, task_family, task_name
 
+from .decoding import DecodeOptions, forward_parameters
+from .generation import evaluate_generation, generate_items
+
 HEADLINE = "accuracy_norm"
 SCORINGS = {"accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm", "accuracy_token_norm": "correct_token_norm"}
 
@@ -30,15 +32,6 @@ def _argmax_per_item(scores: Tensor, item_index: Tensor, choice_index: Tensor, n
     table = scores.new_full((num_items, int(choice_index.max()) + 1), float("-inf"))
     table[item_index, choice_index] = scores
     return table.argmax(dim=1)
-
-
-def forward_parameters(model: torch.nn.Module) -> set[str]:
-    """Names of the parameters of ``model.forward`` (empty when they cannot be read)."""
-    forward = getattr(model, "forward", None)
-    try:
-        return set(inspect.signature(forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def supports_prompt_sharing(model: torch.nn.Module) -> bool:
@@ -200,7 +193,6 @@ def extract_choice(generated: str, choices: Sequence[str], lettered: bool = Fals
     return best if overlaps[best] > 0 else -1
 
 
-@torch.inference_mode()
 def _generate_predictions(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -210,26 +202,10 @@ def _generate_predictions(
     batch_size: int,
     max_new_tokens: int,
 ) -> list[int]:
-    device = next(model.parameters()).device
-    preds = []
-    for start in range(0, len(items), batch_size):
-        prompts = [item.prompt for item in items[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        # Left padding, so that every prompt ends where generation starts.
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for k, row in enumerate(out[:, width:].tolist()):
-            text = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0]
-            preds.append(extract_choice(text, choices[start + k], lettered))
-    return preds
+    """Each item's choice, from its greedy continuation's first line (the decoder of generation tasks)."""
+    first_line = DecodeOptions(max_new_tokens, stop=("\n",))
+    texts = generate_items(model, tokenizer, items, first_line, batch_size)
+    return [extract_choice(text, item_choices, lettered) for text, item_choices in zip(texts, choices, strict=True)]
 
 
 def evaluate(
@@ -295,8 +271,6 @@ def evaluate(
             name = task_name(task)
             examples = seeded_sample(load_task(task, split, data_dir), limit, EVAL_SAMPLE_SEED)
             if examples and hasattr(examples[0], "references"):  # a generation task
-                from .generation import evaluate_generation
-
                 result, num_items = evaluate_generation(
                     model, tokenizer, task, examples, (generation or {}).get(name), batch_size, max_length
                 )
