@@ -381,6 +381,31 @@ def test_the_callback_refuses_a_model_without_adapters_and_trainable_base_tensor
         MoSLDTrainerCallback(trainer)
 
 
+def test_a_4bit_base_trains_inside_allow_quantized_base_and_its_adapter_loads(tiny_model_dir, batches, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from mosld.integrations.hf import allow_quantized_base
+    from mosld.quantization import QuantizationConfig, is_quantized_layer
+
+    nf4 = QuantizationConfig(bits=4, quant_type="nf4")
+    model = mosld.inject_adapters(load_base_model(tiny_model_dir, quantization=nf4), adapter_config())
+    assert all(is_quantized_layer(layer.base_layer) for layer in mosld.adapter_layers(model).values())
+    args = trainer_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    with pytest.raises(ValueError, match="quantized"):  # transformers' own refusal, without the block
+        Trainer(model=model, args=args, train_dataset=BatchList(batches), data_collator=unbatch)
+    with allow_quantized_base(model):
+        trainer = Trainer(model=model, args=args, train_dataset=BatchList(batches), data_collator=unbatch)
+    assert model.is_quantized  # restored: it keeps guarding .half() and .float()
+    trainer.add_callback(MoSLDTrainerCallback(trainer))
+    start = adapter_tensors(model)
+    trainer.train()
+    trained = adapter_tensors(model)
+    assert max(float((trained[k] - start[k]).abs().max()) for k in start) > 1e-4
+    assert set(load_file(tmp_path / "checkpoint-2" / "model.safetensors")) == set(trained)
+    loaded = mosld.load_adapter(load_base_model(tiny_model_dir, quantization=nf4), tmp_path / ADAPTER_DIR)
+    for name, value in adapter_tensors(loaded).items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=where(name))
+
+
 # ------------------------------------------------------------------------------------------------- TRL
 
 
