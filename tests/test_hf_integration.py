@@ -457,3 +457,30 @@ def test_trl_sft_trainer_with_a_chat_template_trains_and_its_adapter_loads(tiny_
         for name, value in adapter_tensors(loaded).items():
             torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=where(name))
     assert set(load_file(tmp_path / "checkpoint-3" / "model.safetensors")) == set(trained)
+
+
+# --------------------------------------------------------------------------------------------- examples
+
+
+def run_example(name: str, argv: list[str]) -> dict:
+    """``main(argv)`` of ``examples/<name>.py`` (a script, not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.mark.parametrize("name", ["hf_trainer", "trl_sft"])
+def test_the_examples_train_save_reload_and_score(name, tiny_model_dir, tmp_path, capsys):
+    if name == "trl_sft":
+        pytest.importorskip("trl")
+    scores = run_example(name, ["--model", tiny_model_dir, "--steps", "2", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "checkpoint-2" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    assert set(load_file(tmp_path / "checkpoint-2" / "model.safetensors")) == set(
+        load_file(tmp_path / ADAPTER_DIR / "adapter_model.safetensors")
+    )
+    (task,) = scores["accuracy"]
+    assert 0 <= scores["accuracy"][task] <= 1 and scores["metrics"][task]["num_items"] > 0
+    assert f"reloaded adapter {tmp_path / ADAPTER_DIR}: {task} test" in capsys.readouterr().out
