@@ -369,6 +369,30 @@ def test_gradient_checkpointing_counts_routing_once_and_trains_the_same_adapter(
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-9, atol=1e-12, msg=where(name))
 
 
+def test_an_evaluation_during_training_leaves_the_training_routing_statistics_alone(tiny_model_dir, batches, tmp_path):
+    # Logged once, at the epoch's end; one run evaluates after every step, the other never.
+    logged = {}
+    for evaluating in (False, True):
+        model = adapted_tiny(tiny_model_dir)
+        Reseed(model)
+        evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=1) if evaluating else {}
+        args = trainer_args(tmp_path / str(evaluating), max_steps=3, logging_strategy="epoch", **evaluation)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=BatchList(batches),
+            eval_dataset=BatchList(batches[:1]) if evaluating else None,
+            data_collator=unbatch,
+        )
+        trainer.add_callback(MoSLDTrainerCallback(trainer))
+        trainer.train()
+        history = trainer.state.log_history
+        assert len([h for h in history if "eval_loss" in h]) == (3 if evaluating else 0)
+        (logged[evaluating],) = [h for h in history if "router/entropy" in h]
+    for key in ("router/entropy", "router/load_max", "router/load_min", "aux_loss"):
+        assert logged[True][key] == pytest.approx(logged[False][key], rel=1e-12), key
+
+
 def test_the_callback_refuses_a_model_without_adapters_and_trainable_base_tensors(tiny_model_dir, batches, tmp_path):
     bare = load_base_model(tiny_model_dir, dtype="float64")
     trainer = Trainer(model=bare, args=trainer_args(tmp_path), train_dataset=BatchList(batches), data_collator=unbatch)

@@ -32,7 +32,7 @@ What ``MoSLDTrainerCallback(trainer)`` changes, and why there:
 - **Routing**: entropy and expert load (``router/entropy``, ``router/load_max``, ``router/load_min``, as the
   Lightning runs log them) and the balancing loss (``aux_loss``) go through ``Trainer.log`` at the trainer's
   logging steps, so ``log_history`` and every ``report_to`` backend get them; statistics are collected on those
-  steps only.
+  steps only, and paused while the trainer evaluates (a wrapper around its ``evaluate``).
 
 A bitsandbytes-quantized base: build the trainer inside ``allow_quantized_base(model)``. No Lightning here.
 """
@@ -150,6 +150,7 @@ class MoSLDTrainerCallback(TrainerCallback):
         if self.aux_loss_coef > 0:
             model.register_forward_hook(self._keep_balancing_loss)
             trainer.compute_loss = self._with_balancing_loss(trainer.compute_loss)
+        trainer.evaluate = self._without_routing_stats(trainer.evaluate)
 
     # ------------------------------------------------------------------ the balancing loss
     def _keep_balancing_loss(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -180,6 +181,25 @@ class MoSLDTrainerCallback(TrainerCallback):
             return (loss, outputs) if return_outputs else loss
 
         return compute_loss_with_balance
+
+    def _without_routing_stats(self, evaluate):
+        """``evaluate`` with routing statistics paused: an evaluation inside training (``eval_strategy``) would
+        otherwise add its tokens to the training statistics not yet logged (with ``logging_strategy="epoch"`` they
+        are collected through the whole epoch). Paused, not switched off: switching off drops what was collected."""
+
+        @functools.wraps(evaluate)
+        def evaluate_without_routing_stats(*args, **kwargs):
+            layers = list(adapter_layers(self.model).values())
+            collecting = [layer.collect_router_stats for layer in layers]
+            for layer in layers:
+                layer.collect_router_stats = False
+            try:
+                return evaluate(*args, **kwargs)
+            finally:
+                for layer, flag in zip(layers, collecting, strict=True):
+                    layer.collect_router_stats = flag
+
+        return evaluate_without_routing_stats
 
     def _accumulation_share(self, num_items_in_batch: object) -> int:
         """What this micro-batch's balancing loss is divided by: the accumulation steps when ``compute_loss``
