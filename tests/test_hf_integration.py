@@ -22,7 +22,7 @@ from mosld.adapters.layer import is_adapter_parameter
 from mosld.data.loaders import TrainCollator
 from mosld.data.prompts import FAMILY_TEMPLATES, encode_examples
 from mosld.data.tasks import load_task, task_family
-from mosld.integrations.hf import ADAPTER_DIR, MoSLDTrainerCallback
+from mosld.integrations.hf import ADAPTER_DIR, MoSLDTrainerCallback, is_checkpointing
 from mosld.models import load_base_model, load_tokenizer
 
 SEED_BASE = 1000
@@ -232,7 +232,6 @@ def test_the_trainer_optimises_the_lm_loss_plus_the_coefficient_times_the_balanc
 # ------------------------------------------------------------------------------ Trainer against Lightning
 
 
-@pytest.mark.slow
 def test_trainer_and_the_lightning_fit_train_the_same_adapter(tiny_model_dir, batches, tmp_path):
     """The same batches, seed, AdamW settings, linear schedule, clipping and balancing loss: after 5 steps (two
     passes over three batches, cut short) the HF Trainer's adapter equals the project's Lightning module's."""
@@ -356,7 +355,7 @@ def test_gradient_checkpointing_counts_routing_once_and_trains_the_same_adapter(
         trainer.add_callback(counter)  # before the mosld callback, which resets the statistics when it logs them
         trainer.add_callback(MoSLDTrainerCallback(trainer))
         trainer.train()
-        assert model.is_gradient_checkpointing == checkpointing
+        assert is_checkpointing(model) == checkpointing
         # every layer counted each real token of the step's batch once, recomputed or not
         assert counter.tokens == [{int(b["attention_mask"].sum())} for b in batches[:3]]
         runs[checkpointing] = (adapter_tensors(model), list(logs_by_step(trainer).values()))
@@ -443,7 +442,6 @@ def chat_rows(split: str) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow
 def test_trl_sft_trainer_with_a_chat_template_trains_and_its_adapter_loads(tiny_model_dir, tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
