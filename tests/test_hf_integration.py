@@ -346,26 +346,45 @@ class TokenCounter(TrainerCallback):
 
 def test_gradient_checkpointing_counts_routing_once_and_trains_the_same_adapter(tiny_model_dir, batches, tmp_path):
     runs = {}
-    for checkpointing in (False, True):
+    for checkpointing in (False, True, "every_2"):  # every_2: every second decoder layer (transformers' option)
         model = adapted_tiny(tiny_model_dir)
         Reseed(model)
-        args = trainer_args(tmp_path / str(checkpointing), max_steps=3, gradient_checkpointing=checkpointing)
+        options = {"gradient_checkpointing_kwargs": {"every_n_layers": 2}} if checkpointing == "every_2" else {}
+        args = trainer_args(
+            tmp_path / str(checkpointing), max_steps=3, gradient_checkpointing=bool(checkpointing), **options
+        )
         trainer = Trainer(model=model, args=args, train_dataset=BatchList(batches), data_collator=unbatch)
         counter = TokenCounter(model)
         trainer.add_callback(counter)  # before the mosld callback, which resets the statistics when it logs them
         trainer.add_callback(MoSLDTrainerCallback(trainer))
         trainer.train()
-        assert is_checkpointing(model) == checkpointing
+        assert is_checkpointing(model) == bool(checkpointing)
         # every layer counted each real token of the step's batch once, recomputed or not
         assert counter.tokens == [{int(b["attention_mask"].sum())} for b in batches[:3]]
         runs[checkpointing] = (adapter_tensors(model), list(logs_by_step(trainer).values()))
-    (plain, plain_logs), (recomputed, recomputed_logs) = runs[False], runs[True]
-    assert len(plain_logs) == len(recomputed_logs) == 3
-    for a, b in zip(plain_logs, recomputed_logs, strict=True):
-        for key in ("router/entropy", "router/load_max", "router/load_min", "aux_loss", "loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-9), key
-    for name in plain:
-        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-9, atol=1e-12, msg=where(name))
+    plain, plain_logs = runs[False]
+    for recomputed, recomputed_logs in (runs[True], runs["every_2"]):
+        assert len(plain_logs) == len(recomputed_logs) == 3
+        for a, b in zip(plain_logs, recomputed_logs, strict=True):
+            for key in ("router/entropy", "router/load_max", "router/load_min", "aux_loss", "loss"):
+                assert b[key] == pytest.approx(a[key], rel=1e-9), key
+        for name in plain:
+            torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-9, atol=1e-12, msg=where(name))
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"use_reentrant": True}, "use_reentrant=True"), ({"preserve_rng_state": False}, "preserve_rng_state")],
+)
+def test_checkpointing_options_mosld_cannot_honour_are_refused_naming_them(
+    options, message, tiny_model_dir, batches, tmp_path
+):
+    model = adapted_tiny(tiny_model_dir)
+    args = trainer_args(tmp_path, max_steps=1, gradient_checkpointing=True, gradient_checkpointing_kwargs=options)
+    trainer = Trainer(model=model, args=args, train_dataset=BatchList(batches), data_collator=unbatch)
+    trainer.add_callback(MoSLDTrainerCallback(trainer))
+    with pytest.raises(ValueError, match=f"gradient_checkpointing_kwargs: .*{message}"):
+        trainer.train()
 
 
 def test_an_evaluation_during_training_leaves_the_training_routing_statistics_alone(tiny_model_dir, batches, tmp_path):
