@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = mosld.AdapterConfig(
         method="mosld", r=8, alpha=16, target_modules=("q_proj", "v_proj"), num_experts=(8, 6, 4, 2), aux_loss_coef=0.01
     )
-    model = mosld.inject_adapters(load_base_model(args.model), cfg)
+    name = task_name(args.task)
+    chat = {name: {"template": "chat"}}  # score under the template SFTTrainer trains with
+    model = load_base_model(args.model)
+    base_scores = mosld.evaluate(model, tokenizer, [args.task], split="test", limit=args.limit, generation=chat)
+    model = mosld.inject_adapters(model, cfg)  # in place; freezes the base
 
     config = SFTConfig(
         output_dir=args.output_dir,
@@ -92,14 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     output = Path(args.output_dir)
     reloaded = mosld.load_adapter(load_base_model(args.model), output / ADAPTER_DIR)
-    name = task_name(args.task)
-    chat = {name: {"template": "chat"}}  # the template SFTTrainer trained under
     scores = mosld.evaluate(reloaded, tokenizer, [args.task], split="test", limit=args.limit, generation=chat)
     metric = scores["headlines"][name]
     items = scores["metrics"][name]["num_items"]
-    print(
-        f"reloaded adapter {output / ADAPTER_DIR}: {name} test {metric} {scores['accuracy'][name]:.3f} ({items} items)"
-    )
+    score, base = scores["accuracy"][name], base_scores["accuracy"][name]
+    print(f"reloaded adapter {output / ADAPTER_DIR}: {name} test {metric} {score:.3f} ({items} items; base {base:.3f})")
     return scores
 
 
