@@ -1,7 +1,7 @@
 """mosld adapters trained by Hugging Face's ``Trainer`` and TRL's ``SFTTrainer`` (``mosld.integrations.hf``).
 
-Every run here is a tiny random Llama in float64 (so that "equal" can mean 1e-10) on a few rows of
-``data/example_task`` or ``data/example_chat``. DropConnect and dropout stay on: ``Reseed`` gives every training
+Runs are a tiny random Llama, mostly in float64, on a few rows of ``data/example_task`` or ``data/example_chat``;
+the models' own losses are float32 cross-entropies, so two computations of one step agree to about 1e-7, not 1e-15. DropConnect and dropout stay on: ``Reseed`` gives every training
 forward a seed of its own, so that two trainers, or a run and its resumption, draw the same masks.
 """
 
@@ -307,7 +307,7 @@ def test_checkpoints_hold_only_the_adapter_and_a_resumed_run_ends_where_an_unint
     adapter_bytes = sum(v.numel() * v.element_size() for v in weights.values())
     base_bytes = sum(v.numel() * v.element_size() for v in whole.state_dict().values()) - adapter_bytes
     folder_bytes = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
-    # the adapter three times (transformers' weights, adapter/, Adam's two moments: four copies) and small files
+    # four copies of the adapter (transformers' weights, adapter/, Adam's two moments) and small files
     assert folder_bytes < 4 * adapter_bytes + 100_000, sorted(p.name for p in checkpoint.rglob("*"))
     assert folder_bytes < base_bytes  # and the tiny base is not much larger than its adapter
     # adapter/ in mosld's format, loadable into a fresh base, with checkpoint-2's weights
