@@ -344,6 +344,29 @@ class TokenCounter(TrainerCallback):
         self.tokens.append({int(s["tokens"]) for s in stats.values()})
 
 
+def test_peft_gate_batches_add_a_fixed_gate_peft_export_that_peft_loads(tiny_model_dir, batches, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = adapted_tiny(tiny_model_dir)
+    args = trainer_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=BatchList(batches), data_collator=unbatch)
+    trainer.add_callback(MoSLDTrainerCallback(trainer, peft_gate_batches=batches[:2]))
+    trainer.train()
+    for folder in (tmp_path / "checkpoint-1", tmp_path / "checkpoint-2", tmp_path):
+        assert (folder / "peft" / "adapter_config.json").is_file(), folder
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".peft")]  # no staging folder left
+    # The final export is the trained mixture with its gates fixed at their mean over those batches.
+    model.eval()
+    inputs = {k: batches[2][k] for k in ("input_ids", "attention_mask")}
+    mosld.set_static_gates(model, mosld.mean_gates(model, batches[:2]))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        stock = load_base_model(tiny_model_dir, dtype="float64")
+        base_only = stock(**inputs).logits
+        got = peft.PeftModel.from_pretrained(stock, str(tmp_path / "peft")).eval()(**inputs).logits
+    assert (expected - base_only).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_gradient_checkpointing_counts_routing_once_and_trains_the_same_adapter(tiny_model_dir, batches, tmp_path):
     runs = {}
     for checkpointing in (False, True, "every_2"):  # every_2: every second decoder layer (transformers' option)
