@@ -38,11 +38,13 @@ def _recomputation(masks: dict[nn.Module, Tensor | None]) -> Iterator[None]:
             layer.token_mask = None
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1, offload: bool = False) -> nn.Module:
     """Turn on the model's own (transformers) activation checkpointing, non-reentrant, recompute-aware.
 
     Non-reentrant checkpointing needs no input that requires grad, so a frozen embedding is fine.
-    Raises ValueError for a model that does not support it.
+    ``every_n_layers`` (checkpoint every n-th decoder layer) and ``offload`` (keep the saved activations in host
+    memory) are transformers' own options (``activation_checkpointing_enable``, transformers 5.x).
+    Raises ValueError for a model that does not support it, or options its transformers does not have.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(
@@ -59,8 +61,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
         return contextlib.nullcontext(), _recomputation({layer: layer.token_mask for layer in layers})
 
     kwargs = {"use_reentrant": False, "context_fn": contexts}
+    # passed only when set, so that a transformers whose method lacks them still takes the defaults
+    options = {"every_n_layers": every_n_layers, "offload": offload} if (every_n_layers, offload) != (1, False) else {}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
+    elif options:
+        raise ValueError(
+            f"gradient_checkpointing: every_n_layers and offload need transformers' activation_checkpointing_enable "
+            f"(transformers 5.x); {type(model).__name__} has only gradient_checkpointing_enable"
+        )
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False  # transformers turns the cache off in training with checkpointing anyway
