@@ -361,6 +361,7 @@ def compare(peer: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], info: 
         grad_scale = max(peer[prefix + k].abs().max().item() for k in names)
         result[f"{ours_name}_vs_{peer_name}"] = {
             "logits_max_abs_diff": diff,
+            "logits_max_abs": peer[f"{peer_name}_logits"].abs().max().item(),
             "adapter_effect_max_abs": effect,  # how far the adapter moves the logits: the scale of the check
             "logits_within_tolerance": diff <= tolerance,
             "grad_tensors": len(names),
