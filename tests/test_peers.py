@@ -2,7 +2,7 @@
 cross-check and the paired benchmark run end to end.
 
 The end-to-end tests need MoE-PEFT's own environment (``bash bench/peers/setup_env.sh``, about 2
-minutes and 1 GB), which CI does not build: they skip without it.
+minutes and 1.4 GB), which CI does not build: they skip without it.
 """
 
 from __future__ import annotations

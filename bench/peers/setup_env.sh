@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The peer's own virtual environment: MoE-PEFT 2.0.2 (and mixlora 0.2.3) on the project's torch.
 #
-#   bash bench/peers/setup_env.sh            # creates bench/peers/.venv (about 1-2 min, ~1 GB with torch)
+#   bash bench/peers/setup_env.sh            # creates bench/peers/.venv (about 2.5 min, ~1.4 GB with torch)
 #   TORCH=torch PEER_VENV=/tmp/peer bash bench/peers/setup_env.sh
 #
 # MoE-PEFT declares torch<2.6 and transformers<4.47. PyPI's torch of that range is the large CUDA
