@@ -81,7 +81,7 @@ class SavedTensors:
     """
 
     def __init__(self, model: nn.Module, exclude: Iterable[torch.Tensor] = ()) -> None:
-        # ``exclude``: parameters ``model.parameters()`` does not reach (MoE-PEFT keeps its adapters in plain dicts)
+        # ``exclude``: weights ``model.parameters()`` does not reach (MoE-PEFT keeps its layers in plain lists and dicts)
         self.params = {p.untyped_storage().data_ptr() for p in (*model.parameters(), *exclude)}
         self.storages: dict[int, int] = {}
 

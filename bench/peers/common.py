@@ -51,7 +51,9 @@ class Variant:
     ``train_step`` runs forward, backward, AdamW and ``zero_grad`` on a batch; ``forward`` one
     evaluation forward (no graph, the side's evaluation mode); ``resident`` counts the bytes kept
     between steps (weights, adapter, optimizer state; storages once); ``parameters`` are the
-    trainable tensors (left out of the saved-activation count).
+    trainable tensors; ``held`` returns every tensor the model keeps between steps (frozen weights,
+    adapters, buffers). Both are left out of the saved-activation count, as ``bench.memory``
+    leaves out a model's parameters: what remains is the activation memory.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Variant:
     train_step: Callable[[torch.Tensor], None]
     forward: Callable[[torch.Tensor], None]
     resident: Callable[[], int]
+    held: Callable[[], list[torch.Tensor]]
     extra: dict = field(default_factory=dict)
 
     @property

@@ -150,5 +150,12 @@ def build(
         return storage_bytes(reachable_tensors(llm) + parameters + optimizer_tensors(optimizer))
 
     return Variant(
-        variant, LABELS[variant], parameters, train_step, forward, resident, extra={"llm": llm, "adapter": name}
+        variant,
+        LABELS[variant],
+        parameters,
+        train_step,
+        forward,
+        resident,
+        lambda: reachable_tensors(llm),
+        extra={"llm": llm, "adapter": name},
     )

@@ -120,5 +120,6 @@ def build(
         train_step,
         forward,
         lambda: resident_bytes(model, optimizer),
+        lambda: [*model.parameters(), *model.buffers()],
         extra={"model": model},
     )

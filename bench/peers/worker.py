@@ -70,7 +70,8 @@ class Worker:
     def measure_memory(self, built: Variant) -> dict:
         """Resident bytes + the peak growth of one training step, and the bytes saved for backward."""
         resident = built.resident()
-        saved = SavedTensors(torch.nn.Module(), exclude=built.parameters)
+        # MoE-PEFT's weights are not parameters of a module, so both sides name what to leave out
+        saved = SavedTensors(torch.nn.Module(), exclude=[*built.parameters, *built.held()])
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             if self.device.type == "cuda":
                 gc.collect()
