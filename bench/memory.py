@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import gc
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -79,8 +80,9 @@ class SavedTensors:
     adapter adds. Not available for compiled variants (their graphs save tensors internally).
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def __init__(self, model: nn.Module, exclude: Iterable[torch.Tensor] = ()) -> None:
+        # ``exclude``: weights ``model.parameters()`` does not reach (MoE-PEFT keeps its layers in plain lists and dicts)
+        self.params = {p.untyped_storage().data_ptr() for p in (*model.parameters(), *exclude)}
         self.storages: dict[int, int] = {}
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
