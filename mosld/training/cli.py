@@ -17,7 +17,7 @@ from ..data import KNOWN_TASKS, MultiTaskDataModule, TaskDataError
 from ..models import meta_model
 from ..quantization import INSTALL_HINT, QuantizationConfig, bitsandbytes_available, dtype_error
 from .module import MoSLDModule
-from .precision import AutoPrecisionTrainer
+from .precision import AutoPrecisionTrainer, announce, resolve_precision
 from .resume import checkpoint_batch_size, compare_with_checkpoint
 from .safety import PREEMPTED_EXIT_CODE, FiniteGuard, NonFiniteError, PreemptionCheckpoint
 
@@ -133,15 +133,18 @@ class MoSLDCLI(LightningCLI):
             )
 
     def instantiate_classes(self) -> None:
+        if self.precision_choice is not None:
+            announce(self.precision_choice.message())
         super().instantiate_classes()
-        choice = getattr(self.trainer, "precision_choice", None)
-        if choice is not None:  # the run's config.yaml records what `auto` chose on this machine
-            config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-            config.trainer.precision = choice.precision
+        self.trainer.precision_choice = self.precision_choice  # why, for the run record (mosld.training.records)
 
     def before_instantiate_classes(self) -> None:
         """Refuse a bad adapter config or task list before any model or data is loaded."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        # `auto` resolved here like any option: the classes and the run's config.yaml get the precision it chose
+        self.precision_choice = resolve_precision(config.trainer.precision, config.trainer.get("accelerator"))
+        if self.precision_choice is not None:
+            config.trainer.precision = self.precision_choice.precision
         adapter = config.model.get("adapter")
         if adapter is not None:
             try:
