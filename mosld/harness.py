@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from jsonargparse import ArgumentError
 
 from mosld.adapters.io import read_adapter_config
 from mosld.models import DTYPES, load_base_model, load_tokenizer
+from mosld.training.cli import read_config
 
 RESULTS_NAME = "results.json"
 
@@ -42,17 +43,12 @@ class ModelSpec:
     trust_remote_code: bool = False
 
 
-def _model_section(config_file: Path) -> dict:
-    config = yaml.safe_load(config_file.read_text())
-    section = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(section, dict):
-        raise ValueError(f"{config_file}: no 'model' section (expected the config.yaml a fit writes)")
-    # LightningCLI writes either the arguments flat or as class_path + init_args.
-    return dict(section.get("init_args", section)) if "class_path" in section else dict(section)
-
-
 def spec_from_run(run: str | Path) -> ModelSpec:
-    """The base model, dtype and adapter of a run folder (``lightning_logs/version_N``)."""
+    """The base model, dtype and adapter of a run folder (``lightning_logs/version_N``).
+
+    Its ``config.yaml`` is read by the training command line's own parser (``mosld.training.cli.read_config``):
+    what ``python main.py fit --config <it>`` would refuse is refused here with the same message.
+    """
     run = Path(run)
     config_file, adapter = run / "config.yaml", run / "adapter"
     for path in (config_file, adapter / "adapter_config.json"):
@@ -61,14 +57,15 @@ def spec_from_run(run: str | Path) -> ModelSpec:
                 f"--run {run}: {path} not found; expected a finished run folder (lightning_logs/version_N holding "
                 "config.yaml and the adapter/ that fit writes at its end)"
             )
-    model = _model_section(config_file)
-    if not model.get("model_name_or_path"):
-        raise ValueError(f"{config_file}: model.model_name_or_path is missing")
+    try:
+        model = read_config(["--config", str(config_file)]).model
+    except ArgumentError as err:
+        raise ValueError(f"--run {run}: {config_file}: {err}") from None
     return ModelSpec(
-        base=str(model["model_name_or_path"]),
+        base=str(model.model_name_or_path),
         adapter=adapter,
-        dtype=str(model.get("dtype") or "float32"),
-        trust_remote_code=bool(model.get("trust_remote_code", False)),
+        dtype=str(model.dtype),
+        trust_remote_code=bool(model.trust_remote_code),
     )
 
 

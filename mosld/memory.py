@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
+from jsonargparse import ArgumentError
 from torch import nn
 
 from .adapters import AdapterConfig, inject_adapters
 from .adapters.inject import num_decoder_layers
 from .models import DTYPES, is_embedded, meta_model
 from .quantization import QuantizationConfig
+from .training.cli import read_config
 
 # Architectures of hub models that are not available offline (``--model-config`` takes any config.json).
 KNOWN_ARCHITECTURES = {
@@ -291,37 +292,13 @@ def plan(
 
 
 # ---------------------------------------------------------------------------- configs and the command line
-def read_options(config_files: list[str], overrides: list[str]) -> dict:
-    """The merged options of the config files (later ones win) and ``--section.key value`` overrides."""
-    options: dict = {}
-    for path in config_files:
-        if not Path(path).is_file():
-            raise ValueError(f"--config: {path} is not a file")
-        _merge(options, yaml.safe_load(Path(path).read_text()) or {})
-    tokens = list(overrides)
-    while tokens:
-        token = tokens.pop(0)
-        if not token.startswith("--") or "." not in token:
-            raise ValueError(f"{token}: expected --config, --batch, --seq, ... or a --section.key override")
-        key, equals, value = token[2:].partition("=")
-        if not equals:
-            if not tokens:
-                raise ValueError(f"--{key}: missing value")
-            value = tokens.pop(0)
-        *parents, last = key.split(".")
-        node = options
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
-    return options
-
-
-def _merge(into: dict, new: dict) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
+def read_options(args: list[str]) -> dict:
+    """The options a ``fit`` with these arguments (``--config`` files, ``--section.key`` overrides) runs with, read
+    by the command line's own parser: its defaults, and what it refuses refused with its message."""
+    try:
+        return read_config(list(args)).as_dict()
+    except ArgumentError as err:
+        raise ValueError(str(err)) from None
 
 
 def meta_base(name: str, dtype: torch.dtype, model_config: str | None = None) -> nn.Module:
@@ -353,8 +330,6 @@ def plan_from_options(
     model_options = options.get("model") or {}
     name = model_options.get("model_name_or_path", "embedded:smollm2-135m")
     dtype_name = model_options.get("dtype", "float32")
-    if dtype_name not in DTYPES:
-        raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {dtype_name!r}")
     quantization = QuantizationConfig.from_value(model_options.get("quantization"))
     adapter = AdapterConfig(**dict(model_options.get("adapter") or {}))
     checkpointing = bool(model_options.get("gradient_checkpointing", False))
@@ -399,8 +374,12 @@ def format_plan(result: Plan, described: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> Plan:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=[], help="a training config (repeatable, later wins)")
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other argument is the training command line's: --config (repeatable, later wins) and "
+        "--section.key value overrides, read as `python main.py fit` reads them.",
+    )
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: data.batch_size)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: data.max_length)")
     parser.add_argument("--answer-tokens", type=int, default=4, help="loss positions per sequence")
@@ -408,10 +387,9 @@ def main(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
     args, overrides = parser.parse_known_args(argv)
     try:
-        options = read_options(args.config, overrides)
-        data = options.get("data") or {}
-        batch = args.batch or data.get("batch_size") or 8
-        seq = args.seq or data.get("max_length") or 256
+        options = read_options(overrides)
+        batch = args.batch or options["data"]["batch_size"]
+        seq = args.seq or options["data"]["max_length"]
         if batch < 1 or seq < 1:
             raise ValueError(f"--batch and --seq: expected integers >= 1, got {batch} and {seq}")
         result, described = plan_from_options(options, batch, seq, args.answer_tokens, args.model_config)

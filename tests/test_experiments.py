@@ -174,13 +174,36 @@ def test_protocol_errors_name_the_file_and_field(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "config": [str(REPO / "configs" / "mosld.yaml")],
                                     "methods": ["lora", "moe"], "seeds": [0]}))  # fmt: skip
-    with pytest.raises(ValueError, match=r"bad.yaml: methods: expected some of"):
+    with pytest.raises(
+        ValueError, match=r"bad.yaml: Parser key \"methods\":\s+Expected a typing.Literal\['lora', 'mola'"
+    ):
         load_protocol(path)
     with pytest.raises(ValueError, match="--only: expected"):
         parse_only("lr=3")
     fields = {"name": "x", "config": [str(REPO / "configs" / "mosld.yaml")], "methods": ["lora"], "seeds": [0]}
-    path.write_text(yaml.safe_dump(fields | {"results": ["a"]}))
-    with pytest.raises(ValueError, match=r"bad.yaml: results: expected a folder path"):
+    for bad, message in [
+        ({"results": ["a"]}, r"Parser key \"results\":\s+Expected a <class 'str'>"),
+        (
+            {"seeds": [-1]},
+            r"Parser key \"seeds\":\s+Not of type NonNegativeInt: -1 does not conform to restriction v>=0",
+        ),
+        ({"seeds": []}, "seeds: expected a non-empty list"),
+        ({"settings": ["both"]}, r"Parser key \"settings\":\s+Expected a typing.Literal\['mixture', 'single'\]"),
+        ({"single_args": {"arc_easy": 3}}, r"Parser key \"single_args\":\s+Expected a <class 'dict'>"),
+        (
+            {"compare_with": ["no/such.yaml"]},
+            r"compare_with: expected a list of protocol files, got \['no/such.yaml'\]",
+        ),
+        ({"config": "no/such.yaml"}, "config: 'no/such.yaml' is not a file"),
+        ({"test": {"data.tasks": []}}, "test: data.tasks: expected a non-empty list of task names"),
+        ({"lr": 3}, "Option 'lr' is not accepted"),
+        ({"source": "x"}, "Option 'source' is not accepted"),  # set by load_protocol, not a field of the file
+    ]:
+        path.write_text(yaml.safe_dump(fields | bad))
+        with pytest.raises(ValueError, match="protocol .*bad.yaml: " + message):
+            load_protocol(path)
+    path.write_text(yaml.safe_dump({k: v for k, v in fields.items() if k != "seeds"}))
+    with pytest.raises(ValueError, match="bad.yaml: the following arguments are required: seeds"):
         load_protocol(path)
 
 

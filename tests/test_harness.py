@@ -144,3 +144,16 @@ def test_run_and_adapter_together_are_refused(run_dir, capsys):
     with pytest.raises(SystemExit):
         main(["--run", str(run_dir), "--adapter", str(run_dir / "adapter"), "--tasks", "x"])
     assert "give one" in capsys.readouterr().err
+
+
+def test_a_run_config_the_command_line_refuses_is_refused_with_its_message(run_dir, tmp_path, capsys):
+    run = tmp_path / "version_1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text((run_dir / "adapter" / "adapter_config.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump(config | {"data": {"batch_size": 0}}))
+    with pytest.raises(SystemExit):
+        main(["--run", str(run), "--tasks", "x"])
+    err = capsys.readouterr().err
+    assert f"--run {run}: {run / 'config.yaml'}: " in err
+    assert 'Parser key "data.batch_size":\n  Not of type PositiveInt: 0 does not conform to restriction v>0' in err

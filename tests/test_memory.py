@@ -128,9 +128,14 @@ def test_cli_prints_the_table(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.dtype", "float8"], "model.dtype"),
+        (["--model.dtype", "float8"], 'Parser key "model.dtype"'),
         (["--model.model_name_or_path", "org/unknown-model"], "--model-config"),
-        (["--config", "no/such.yaml"], "--config"),
+        (["--config", "no/such.yaml"], 'Parser key "config": File does not exist'),
+        # read by the training command line's parser: what it refuses, refused with its message
+        (["--data.batch_size", "0"], 'Parser key "data.batch_size":\n  Not of type PositiveInt: 0'),
+        (["--model.adapter.r", "0"], "model.adapter.r: expected an integer >= 1, got 0"),
+        (["--model.adapter.target_modules", "[nowhere]"], "model.adapter.target_modules: 'nowhere' matches no module"),
+        (["--model.no_such_option", "1"], "unrecognized arguments: --model.no_such_option 1"),
     ],
 )
 def test_cli_names_the_bad_option(args, message, capsys):

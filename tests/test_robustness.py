@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, tiny_model, tiny_run_args
+from helpers import EXAMPLE_TASK, REPO, tiny_model, tiny_run_args
 from safetensors.torch import load_file
 
 import mosld
@@ -257,23 +257,36 @@ def test_test_without_ckpt_path_says_it_evaluates_the_base_model_and_lists_the_c
 # ------------------------------------------------------------------------------- options, at once
 
 DEFAULT_CONFIG = str(REPO / "configs" / "mosld.yaml")
+KEY = 'Parser key "{}":\n  Not of type {} does not conform to restriction {}'
+OPTIONAL = (
+    'Parser key "{0}":\n  Does not validate against any of the Union subtypes\n'
+    "  Subtypes: [<class 'jsonargparse.typing.{1}'>, <class 'NoneType'>]\n"
+    "  Errors:\n    - Not of type {1}: does not conform to restriction {2}"
+)
 
 
 @pytest.mark.parametrize(
     "subcommand,override,message",
     [
         ("fit", ["--data.setting", "single"], "data.setting: 'single' trains on exactly one task"),
-        ("fit", ["--data.temperature", "0"], "data.temperature: expected a number > 0, got 0.0"),
-        ("fit", ["--data.batch_size", "0"], "data.batch_size: expected an integer >= 1, got 0"),
-        ("fit", ["--data.eval_batch_size=-1"], "data.eval_batch_size: expected an integer >= 1, got -1"),
-        ("fit", ["--data.max_eval_examples", "0"], "data.max_eval_examples: expected an integer >= 1"),
-        ("fit", ["--data.max_train_examples", "0"], "data.max_train_examples: expected an integer >= 1"),
-        ("fit", ["--data.num_samples_per_epoch", "0"], "data.num_samples_per_epoch: expected an integer >= 1"),
-        ("fit", ["--data.max_length", "4"], "data.max_length: expected an integer >= 8"),
-        ("fit", ["--data.num_workers=-2"], "data.num_workers: expected an integer >= 0"),
-        ("fit", ["--model.learning_rate=-1e-3"], "model.learning_rate: expected a number > 0, got -0.001"),
-        ("fit", ["--model.weight_decay=-1"], "model.weight_decay: expected a number >= 0"),
-        ("fit", ["--model.warmup=-5"], "model.warmup: expected a number >= 0"),
+        # ranges are the options' types: jsonargparse names the option, the type and its restriction
+        ("fit", ["--data.temperature", "0"], KEY.format("data.temperature", "PositiveFloat: 0", "v>0")),
+        ("fit", ["--data.batch_size", "0"], KEY.format("data.batch_size", "PositiveInt: 0", "v>0")),
+        ("fit", ["--data.eval_batch_size=-1"], KEY.format("data.eval_batch_size", "PositiveInt: -1", "v>0")),
+        ("fit", ["--data.max_eval_examples", "0"], OPTIONAL.format("data.max_eval_examples", "PositiveInt", "v>0")),
+        ("fit", ["--data.max_train_examples", "0"], OPTIONAL.format("data.max_train_examples", "PositiveInt", "v>0")),
+        (
+            "fit",
+            ["--data.num_samples_per_epoch", "0"],
+            OPTIONAL.format("data.num_samples_per_epoch", "PositiveInt", "v>0"),
+        ),
+        ("fit", ["--data.max_length", "4"], KEY.format("data.max_length", "TokenBudget: 4", "v>=8")),
+        ("fit", ["--data.num_workers=-2"], KEY.format("data.num_workers", "NonNegativeInt: -2", "v>=0")),
+        ("fit", ["--data.length_group_batches", "0"], KEY.format("data.length_group_batches", "PositiveInt: 0", "v>0")),
+        ("fit", ["--data.eval_examples_by_task", "{arc_easy: 0}"], 'key "data.eval_examples_by_task"'),
+        ("fit", ["--model.learning_rate=-1e-3"], KEY.format("model.learning_rate", "PositiveFloat: -1e-3", "v>0")),
+        ("fit", ["--model.weight_decay=-1"], KEY.format("model.weight_decay", "NonNegativeFloat: -1", "v>=0")),
+        ("fit", ["--model.warmup=-5"], KEY.format("model.warmup", "NonNegativeFloat: -5", "v>=0")),
         ("fit", ["--model.adapter.r", "0"], "model.adapter.r: expected an integer >= 1"),
         ("fit", ["--model.adapter.shared_dropout", "1.0"], "model.adapter.shared_dropout: expected a probability"),
         ("fit", ["--model.adapter.top_k", "3", "--model.adapter.num_experts", "2"], "model.adapter.top_k: 3 is more"),
@@ -521,3 +534,25 @@ def test_saving_into_a_folder_of_other_files_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
         mosld.save_adapter(small_adapted(), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_checked_options_reach_the_classes_as_builtin_numbers(tmp_path):
+    # jsonargparse hands checked options over as their types (PositiveInt, ...), which a checkpoint must not hold:
+    # torch.load(weights_only=True) refuses them
+    from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+
+    from mosld.data import MultiTaskDataModule
+    from mosld.training.module import MoSLDModule
+
+    dm = MultiTaskDataModule(
+        [EXAMPLE_TASK],
+        batch_size=PositiveInt(3),
+        temperature=PositiveFloat(2),
+        eval_examples_by_task={"a": PositiveInt(5)},
+    )
+    module = MoSLDModule(learning_rate=PositiveFloat(1e-3), warmup=NonNegativeFloat(10))
+    assert type(dm.batch_size) is int and type(dm.eval_examples_by_task["a"]) is int and type(dm.temperature) is float
+    assert type(module.hparams.learning_rate) is float and type(module.hparams.warmup) is float
+    state = {"data": dict(dm.hparams), "model": dict(module.hparams), "loader": {"batch_size": dm.batch_size}}
+    torch.save(state, tmp_path / "x.ckpt")
+    assert torch.load(tmp_path / "x.ckpt", weights_only=True) == state

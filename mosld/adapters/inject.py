@@ -6,11 +6,12 @@ import re
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
+from ..dtypes import DTYPES
 from .config import AdapterConfig
 from .layer import MoSLDLinear, RouterStats, base_shape, is_adapter_parameter
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -78,7 +79,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise ValueError("model already has adapters; load a fresh base model to inject again")
     targets = check_targets(model, config.target_modules)
     experts = config.experts_per_layer(num_decoder_layers(model))
-    dtype = _DTYPES[config.adapter_dtype]
+    dtype = DTYPES[config.adapter_dtype]
     for p in model.parameters():
         p.requires_grad_(False)
     for name, base in targets.items():
@@ -106,11 +107,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 
 def _linear_leaf_names(model: nn.Module) -> set[str]:
-    return {
-        n.rsplit(".", 1)[-1]
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
-    }
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
 
 
 # Wrappers that FSDP, activation checkpointing and torch.compile put into module names.

@@ -16,6 +16,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from ..quantization import is_quantized_layer
 from .checkpointing import is_recomputing
@@ -272,8 +273,8 @@ class MoSLDLinear(nn.Module):
 
 
 def _is_conv1d(layer: nn.Module) -> bool:
-    # transformers' GPT-2 Conv1D stores its weight as (in, out); avoid importing it here.
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+    """transformers' GPT-2 ``Conv1D``, which stores its weight as (in, out)."""
+    return isinstance(layer, Conv1D)
 
 
 def _base_weight(layer: nn.Module) -> Tensor:

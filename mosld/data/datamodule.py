@@ -16,6 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.distributed as dist
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -54,6 +55,7 @@ from mosld.data.tasks import (
     task_name,
 )
 from mosld.models import cache_root, load_tokenizer
+from mosld.options import TokenBudget, builtin_arguments
 
 log = logging.getLogger(__name__)
 # Bump when the encoding changes, so stale cached token ids are never reused (2: items whose question or
@@ -155,26 +157,27 @@ class MultiTaskDataModule(L.LightningDataModule):
             generated with the spec of the first generation task.
     """
 
+    @builtin_arguments  # the ranges are the options' types (mosld.options); the checks below, what types cannot say
     def __init__(
         self,
         tasks: list[str] = list(PAPER_TASKS),  # noqa: B006 -- shown as the default by jsonargparse; never mutated
         model_name_or_path: str = "embedded:smollm2-135m",
         setting: Literal["mixture", "single"] = "mixture",
-        temperature: float = 1.0,
-        max_train_examples: int | None = None,
-        max_eval_examples: int | None = None,
-        eval_examples_by_task: dict[str, int] | None = None,
-        batch_size: int = 8,
-        eval_batch_size: int = 8,
-        max_length: int = 512,
+        temperature: PositiveFloat = 1.0,
+        max_train_examples: PositiveInt | None = None,
+        max_eval_examples: PositiveInt | None = None,
+        eval_examples_by_task: dict[str, PositiveInt] | None = None,
+        batch_size: PositiveInt = 8,
+        eval_batch_size: PositiveInt = 8,
+        max_length: TokenBudget = 512,
         data_dir: str | None = None,
-        num_samples_per_epoch: int | None = None,
+        num_samples_per_epoch: PositiveInt | None = None,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
         cache_dir: str | None = None,
         templates: dict[str, str] | None = None,
         train_eval_only: bool = False,
-        length_group_batches: int = 16,
+        length_group_batches: PositiveInt = 16,
         predict_file: str | None = None,
         generation: dict[str, dict] | None = None,
     ):
@@ -185,13 +188,6 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError("tasks: expected at least one task")
         if setting == "single" and len(tasks) != 1:
             raise ValueError(f"setting='single' trains on exactly one task; got {len(tasks)} tasks: {list(tasks)}")
-        for option, value in (
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("length_group_batches", length_group_batches),
-        ):
-            if value < 1:
-                raise ValueError(f"{option}: expected a positive integer, got {value}")
         self.save_hyperparameters()
         self.tasks = list(tasks)
         self.task_names = [task_name(t) for t in self.tasks]

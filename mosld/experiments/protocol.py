@@ -22,26 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import NonNegativeInt
 
-from ..adapters.config import METHODS
+from ..adapters.config import Method
 
-SETTINGS = ("mixture", "single")
-_FIELDS = {
-    "name",
-    "description",
-    "config",
-    "args",
-    "methods",
-    "settings",
-    "seeds",
-    "test",
-    "commit_adapters",
-    "results",
-    "single_args",
-    "compare_with",
-}
+Setting = Literal["mixture", "single"]
 
 
 @dataclass(frozen=True)
@@ -63,19 +52,43 @@ class Run:
 
 @dataclass
 class Protocol:
+    """The fields of a protocol file, typed: jsonargparse checks a file against them (``load_protocol``).
+
+    ``source`` is the file it was read from (not a field of the file). What the types cannot say (lists that
+    must not be empty, files that must exist) ``__post_init__`` checks, naming the field.
+    """
+
     name: str
-    config: list[str]
-    methods: list[str]
-    seeds: list[int]
-    settings: list[str] = field(default_factory=lambda: ["mixture"])
-    args: dict[str, object] = field(default_factory=dict)
-    test: dict[str, object] = field(default_factory=dict)
+    config: str | list[str]
+    methods: list[Method]
+    seeds: list[NonNegativeInt]
+    settings: list[Setting] = field(default_factory=lambda: ["mixture"])
+    args: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)
     commit_adapters: list[int] = field(default_factory=list)
     description: str = ""
     source: str = ""
     results: str = ""
-    single_args: dict[str, dict[str, object]] = field(default_factory=dict)
+    single_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     compare_with: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.config = [self.config] if isinstance(self.config, str) else list(self.config)
+        self.seeds = [int(s) for s in self.seeds]  # plain ints (jsonargparse keeps its NonNegativeInt)
+        for c in self.config:
+            if not Path(c).is_file():
+                raise ValueError(f"config: {c!r} is not a file (paths are relative to the repository)")
+        for key in ("methods", "seeds", "settings"):
+            if not getattr(self, key):
+                raise ValueError(f"{key}: expected a non-empty list")
+        missing = [c for c in self.compare_with if not Path(c).is_file()]
+        if missing:
+            raise ValueError(f"compare_with: expected a list of protocol files, got {missing!r} (no such file)")
+        tasks = self.test.get("data.tasks")
+        if tasks is not None and (
+            not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks)
+        ):
+            raise ValueError(f"test: data.tasks: expected a non-empty list of task names, got {tasks!r}")
 
     @property
     def results_dir(self) -> Path:
@@ -94,6 +107,13 @@ class Protocol:
         return [r for r in runs if r.matches(only or {})]
 
 
+def protocol_parser() -> ArgumentParser:
+    """jsonargparse's parser of a protocol file's fields (``Protocol``'s, less ``source``)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Protocol, skip={"source"}, instantiate=False)
+    return parser
+
+
 def load_protocol(path: str | Path) -> Protocol:
     """Read and check a protocol file; errors name the file and the field."""
     path = Path(path)
@@ -105,55 +125,11 @@ def load_protocol(path: str | Path) -> Protocol:
         raise ValueError(f"protocol {path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"protocol {path}: expected a mapping of fields, got {type(data).__name__}")
-    unknown = set(data) - _FIELDS
-    if unknown:
-        raise ValueError(f"protocol {path}: unknown field(s) {sorted(unknown)}; known: {sorted(_FIELDS)}")
-    for key in ("name", "config", "methods", "seeds"):
-        if key not in data:
-            raise ValueError(f"protocol {path}: field {key!r} is required")
-    config = [data["config"]] if isinstance(data["config"], str) else list(data["config"])
-    for c in config:
-        if not Path(c).is_file():
-            raise ValueError(f"protocol {path}: config: {c!r} is not a file (paths are relative to the repository)")
-    bad = [m for m in data["methods"] if m not in METHODS]
-    if bad or not data["methods"]:
-        raise ValueError(f"protocol {path}: methods: expected some of {', '.join(METHODS)}, got {data['methods']!r}")
-    settings = data.get("settings", ["mixture"])
-    if not settings or any(s not in SETTINGS for s in settings):
-        raise ValueError(f"protocol {path}: settings: expected some of {', '.join(SETTINGS)}, got {settings!r}")
-    seeds = data["seeds"]
-    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ValueError(f"protocol {path}: seeds: expected a list of integers >= 0, got {seeds!r}")
-    for key in ("args", "test"):
-        if not isinstance(data.get(key, {}), dict):
-            raise ValueError(f"protocol {path}: {key}: expected a mapping of option -> value")
-    results = data.get("results", "")
-    if not isinstance(results, str):
-        raise ValueError(f"protocol {path}: results: expected a folder path, got {results!r}")
-    single_args = data.get("single_args", {})
-    if not isinstance(single_args, dict) or not all(isinstance(v, dict) for v in single_args.values()):
-        raise ValueError(f"protocol {path}: single_args: expected a mapping of task -> {{option: value}}")
-    compare_with = data.get("compare_with", [])
-    if not isinstance(compare_with, list) or not all(isinstance(c, str) and Path(c).is_file() for c in compare_with):
-        raise ValueError(f"protocol {path}: compare_with: expected a list of protocol files, got {compare_with!r}")
-    tasks = data.get("test", {}).get("data.tasks")
-    if tasks is not None and (not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks)):
-        raise ValueError(f"protocol {path}: test: data.tasks: expected a non-empty list of task names, got {tasks!r}")
-    return Protocol(
-        name=str(data["name"]),
-        config=config,
-        methods=list(data["methods"]),
-        seeds=list(seeds),
-        settings=list(settings),
-        args=dict(data.get("args", {})),
-        test=dict(data.get("test", {})),
-        commit_adapters=list(data.get("commit_adapters", [])),
-        description=str(data.get("description", "")),
-        source=str(path),
-        results=results,
-        single_args={str(task): dict(options) for task, options in single_args.items()},
-        compare_with=list(compare_with),
-    )
+    try:
+        fields = protocol_parser().parse_object(data)
+        return Protocol(**fields.as_dict(), source=str(path))
+    except Exception as err:  # jsonargparse's ArgumentError names the field; __post_init__'s ValueError too
+        raise ValueError(f"protocol {path}: {err}") from err
 
 
 def parse_only(text: str | None) -> dict[str, str]:

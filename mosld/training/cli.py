@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from ..data import KNOWN_TASKS, MultiTaskDataModule, TaskDataError
 from ..models import meta_model
 from ..quantization import INSTALL_HINT, QuantizationConfig, bitsandbytes_available, dtype_error
 from .module import MoSLDModule
-from .precision import AutoPrecisionTrainer
+from .precision import AutoPrecisionTrainer, announce, resolve_precision
 from .resume import checkpoint_batch_size, compare_with_checkpoint
 from .safety import PREEMPTED_EXIT_CODE, FiniteGuard, NonFiniteError, PreemptionCheckpoint
 
@@ -26,30 +27,9 @@ TRAINER_DEFAULTS = {
 }
 
 
-# Option constraints that the config alone shows, checked before any model or data loads.
-_POSITIVE_OR_NONE = (lambda v: v is None or v >= 1, "an integer >= 1 (or null)")
-OPTION_CHECKS = {
-    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "data.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "data.temperature": (lambda v: v > 0, "a number > 0"),
-    "data.max_length": (lambda v: v >= 8, "an integer >= 8 (tokens)"),
-    "data.max_eval_examples": _POSITIVE_OR_NONE,
-    "data.max_train_examples": _POSITIVE_OR_NONE,
-    "data.num_samples_per_epoch": _POSITIVE_OR_NONE,
-    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
-    "model.learning_rate": (lambda v: v > 0, "a number > 0"),
-    "model.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "model.warmup": (lambda v: v >= 0, "a number >= 0 (a fraction of the steps if < 1, else a step count)"),
-}
-
-
 def option_errors(config, subcommand: str | None) -> list[str]:
-    """Mistakes in the parsed options that need no model or data to see, by option name."""
+    """Mistakes across options that their types cannot show (those jsonargparse refused already), by option name."""
     errors = []
-    for name, (valid, expected) in OPTION_CHECKS.items():
-        value = config.get(name)
-        if not isinstance(value, (int, float, type(None))) or not valid(value):
-            errors.append(f"{name}: expected {expected}, got {value!r}")
     tasks = config.get("data.tasks") or []
     if not tasks:
         errors.append("data.tasks: expected at least one task")
@@ -153,15 +133,18 @@ class MoSLDCLI(LightningCLI):
             )
 
     def instantiate_classes(self) -> None:
+        if self.precision_choice is not None:
+            announce(self.precision_choice.message())
         super().instantiate_classes()
-        choice = getattr(self.trainer, "precision_choice", None)
-        if choice is not None:  # the run's config.yaml records what `auto` chose on this machine
-            config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-            config.trainer.precision = choice.precision
+        self.trainer.precision_choice = self.precision_choice  # why, for the run record (mosld.training.records)
 
     def before_instantiate_classes(self) -> None:
         """Refuse a bad adapter config or task list before any model or data is loaded."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        # `auto` resolved here like any option: the classes and the run's config.yaml get the precision it chose
+        self.precision_choice = resolve_precision(config.trainer.precision, config.trainer.get("accelerator"))
+        if self.precision_choice is not None:
+            config.trainer.precision = self.precision_choice.precision
         adapter = config.model.get("adapter")
         if adapter is not None:
             try:
@@ -215,20 +198,52 @@ def end_distributed() -> None:
         dist.destroy_process_group()
 
 
+def cli_arguments(args: list[str] | None) -> dict:
+    """The arguments of ``MoSLDCLI`` for a run of ``args``: the classes, trainer and defaults of the command line."""
+    return dict(
+        model_class=MoSLDModule,
+        datamodule_class=MultiTaskDataModule,
+        trainer_class=AutoPrecisionTrainer,
+        # fresh callbacks each run: they hold per-run state
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FiniteGuard(), PreemptionCheckpoint()]},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+class ConfigReader(MoSLDCLI):
+    """The CLI's parsing and checks, and nothing after them: no seed set, no class instantiated, nothing run."""
+
+    def _set_seed(self) -> None:  # LightningCLI seeds every RNG here: reading a config must not
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def read_config(args: list[str], subcommand: str = "fit"):
+    """The options of ``python main.py <subcommand> <args>``, parsed and checked by the CLI's own parser (its
+    defaults, types and checks); nothing is loaded or run.
+
+    Raises:
+        jsonargparse.ArgumentError: what the command line refuses, with the message it prints.
+    """
+    kwargs = cli_arguments([subcommand, *args])
+    kwargs["parser_kwargs"] = {"exit_on_error": False, subcommand: {"exit_on_error": False}}
+    with warnings.catch_warnings():  # args given from Python beside a command line of their own (mosld.memory's)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return ConfigReader(**kwargs).config[subcommand]
+
+
 def main(args: list[str] | None = None) -> MoSLDCLI:
     """Run the CLI. A run stopped by SIGTERM exits with status 143 (a resumable checkpoint written);
     a diverged fit or bad task data exits with status 1 and a one-paragraph error, without a traceback."""
     try:
-        return MoSLDCLI(
-            MoSLDModule,
-            MultiTaskDataModule,
-            trainer_class=AutoPrecisionTrainer,
-            # fresh callbacks each run: they hold per-run state
-            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FiniteGuard(), PreemptionCheckpoint()]},
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-        )
+        return MoSLDCLI(**cli_arguments(args))
     except SIGTERMException:
         sys.exit(PREEMPTED_EXIT_CODE)
     except (NonFiniteError, TaskDataError) as err:

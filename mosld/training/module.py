@@ -12,6 +12,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 from torch import Tensor
 
 from ..adapters import AdapterConfig, adapter_layers, aux_loss, count_parameters, inject_adapters, set_aux_loss
@@ -21,6 +22,7 @@ from ..adapters.layer import is_adapter_parameter
 from ..evaluation import answer_logits, score_batch, supports_prompt_sharing
 from ..evaluation.generation import generate_batch, score_generations
 from ..models import load_base_model
+from ..options import builtin_arguments
 from ..quantization import QuantizationConfig
 from .eval_sums import add_generation, add_multiple_choice, eval_metrics, headline_key, new_sums
 from .resume import adopt_optimizer_options
@@ -61,14 +63,15 @@ class MoSLDModule(L.LightningModule):
             keeping them (transformers' non-reentrant checkpointing; routing counted once).
     """
 
+    @builtin_arguments  # the ranges are the options' types (mosld.options)
     def __init__(
         self,
         model_name_or_path: str = "embedded:smollm2-135m",
         adapter: AdapterConfig | None = None,
         dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.0,
-        warmup: float = 0.06,
+        learning_rate: PositiveFloat = 3e-4,
+        weight_decay: NonNegativeFloat = 0.0,
+        warmup: NonNegativeFloat = 0.06,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         compile: bool = False,
         trust_remote_code: bool = False,

@@ -101,7 +101,7 @@ def resolve_precision(precision, accelerator) -> PrecisionChoice | None:
 
 
 @rank_zero_only
-def _announce(message: str) -> None:
+def announce(message: str) -> None:
     print(message, file=sys.stderr)
 
 
@@ -109,12 +109,13 @@ class AutoPrecisionTrainer(Trainer):
     """Lightning's ``Trainer`` that also takes ``precision="auto"`` (``choose_precision``).
 
     The choice and its reason are printed and kept in ``precision_choice`` (``None`` when the
-    precision was given explicitly); the CLI writes the chosen value into the run's ``config.yaml``.
+    precision was given explicitly). The command line resolves ``auto`` itself, with the other options
+    (``MoSLDCLI.before_instantiate_classes``); this class gives its parser the type that admits ``auto``.
     """
 
     def __init__(self, *args, precision: Literal["auto"] | _PRECISION_INPUT | None = None, **kwargs) -> None:
         self.precision_choice = resolve_precision(precision, kwargs.get("accelerator", "auto"))
         if self.precision_choice is not None:
             precision = self.precision_choice.precision
-            _announce(self.precision_choice.message())
+            announce(self.precision_choice.message())
         super().__init__(*args, precision=precision, **kwargs)
