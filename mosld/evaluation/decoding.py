@@ -1,6 +1,6 @@
 """The one decoder: batched decoding on the KV cache, a token per step, greedy or sampled, row by row.
 
-Training-time evaluation and ``mosld.evaluate`` decode through ``generate_batch`` (``mosld.evaluation.generation``),
+Training-time evaluation and ``mosld.evaluate`` decode through ``generate_batch`` (``mosld.evaluation.generation_scoring``),
 the server (``mosld.serve``) through ``decode_steps`` itself; both run this loop. It is a short loop rather than
 ``model.generate``, so that what each model call receives is explicit and the same for every adapter method:
 
