@@ -3,7 +3,6 @@ collators are in ``mosld.data.loaders``), and the on-disk cache of tokenised spl
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +25,8 @@ from mosld.data.generation import (
     GenerationItem,
     GenerationSpec,
     encode_generation_examples,
-    has_chat_template,
+    plain_without_chat_template,
+    user_task_defaults,
 )
 from mosld.data.loaders import (  # noqa: F401 -- re-exported: mosld imports them from here
     EvalCollator,
@@ -269,11 +269,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         """How generation task ``task_id`` is decoded and scored; ``None`` for a multiple-choice task."""
         spec = self._specs.get(task_id)
         if spec is not None and spec.template == "chat" and task_id not in self._chat_asked:
-            if not has_chat_template(self.tokenizer):  # chat rows' default, where the tokenizer has a chat template
+            fallback = plain_without_chat_template(spec, self.tokenizer)  # chat rows' default, where it applies
+            if fallback != spec:
                 log.info(
                     "task %s: the tokenizer has no chat template; using the plain template", self.task_names[task_id]
                 )
-                spec = self._specs[task_id] = dataclasses.replace(spec, template="plain")
+                spec = self._specs[task_id] = fallback
             self._chat_asked.add(task_id)
         return spec
 
@@ -409,8 +410,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         if generation:
             spec = self.generation_spec(task_id) if task_id is not None else None
             if spec is None:  # no generation task to take it from: a user task's defaults
-                chat = detect_format(read_jsonl(self.predict_file)[0]) is CHAT and has_chat_template(self.tokenizer)
-                spec = GenerationSpec("rouge_l", 128, (), "chat" if chat else "plain")
+                chat_rows = detect_format(read_jsonl(self.predict_file)[0]) is CHAT
+                spec = plain_without_chat_template(user_task_defaults(chat_rows), self.tokenizer)
             items = encode_generation_examples(examples, self.tokenizer, spec, self.max_length)
             collate = GenerationCollator(pad_id, spec)
         else:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from .decoding import DecodeOptions, cut_at_stop, decode_steps, eos_token_ids, left_pad
+from .decoding import cut_at_stop, decode_options, decode_steps, eos_token_ids, left_pad
 from .metrics import METRICS
 
 __all__ = [
@@ -44,7 +44,7 @@ def generate_batch(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Pre
         Per row, the decoded continuation (special tokens skipped) cut before the first stop string, stripped.
     """
     spec = batch["generation"]
-    options = DecodeOptions(int(spec.max_new_tokens), tuple(spec.stop or ()))
+    options = decode_options(spec)
     texts = [""] * batch["input_ids"].shape[0]
     for updates in decode_steps(model, tokenizer, batch["input_ids"], batch["attention_mask"], [options] * len(texts)):
         for update in updates:
