@@ -160,18 +160,16 @@ def evaluate(
     }
     generation_metric = {names[i]: m for i, m in metric_names.items() if m != GENERATE_HEADLINE}
     headline = GENERATE_HEADLINE if method == "generate" else HEADLINE
-    variants = [headline] if method == "generate" else list(SCORINGS)
-    if generation_metric:
-        return _mixed_result(metrics, generation_metric, headline, variants, split)
-    macro = {v: sum(m[v] for m in metrics.values()) / len(metrics) for v in variants}
-    return {
-        "accuracy": {name: m[headline] for name, m in metrics.items()},
-        "macro_accuracy": macro[headline],
-        "metrics": metrics,
-        "macro": macro,
-        "headline": headline,
-        "split": split,
-    }
+    headlines = {name: generation_metric.get(name, headline) for name in metrics}  # each task's own
+    accuracy = {name: metrics[name][headlines[name]] for name in metrics}
+    macro = {}
+    for variant in [*([headline] if method == "generate" else SCORINGS), *dict.fromkeys(generation_metric.values())]:
+        values = [m[variant] for m in metrics.values() if variant in m]
+        if values:
+            macro[variant] = sum(values) / len(values)
+    result = {"accuracy": accuracy, "macro_accuracy": sum(accuracy.values()) / len(accuracy), "metrics": metrics,
+              "macro": macro, "headline": headline}  # fmt: skip
+    return result | ({"headlines": headlines} if generation_metric else {}) | {"split": split}
 
 
 def _generated_choices_correct(
@@ -199,29 +197,3 @@ def _task_metrics(names: list[str], sums: dict[str, Tensor], metric_names: dict[
         {metric: figures[prefix + metric]} if metric else {s.result: figures[prefix + s.logged] for s in MC_SCORINGS}
     )
     return scores | {"num_items": int(figures[prefix + "items"])}
-
-
-def _mixed_result(
-    metrics: dict[str, dict[str, float]],
-    generation_metric: dict[str, str],
-    headline: str,
-    variants: list[str],
-    split: str,
-) -> dict[str, Any]:
-    """``evaluate``'s result when some tasks are generation tasks: each task's own headline."""
-    headlines = {name: generation_metric.get(name, headline) for name in metrics}
-    accuracy = {name: metrics[name][headlines[name]] for name in metrics}
-    macro = {}
-    for variant in [*variants, *dict.fromkeys(generation_metric.values())]:
-        values = [m[variant] for m in metrics.values() if variant in m]
-        if values:
-            macro[variant] = sum(values) / len(values)
-    return {
-        "accuracy": accuracy,
-        "macro_accuracy": sum(accuracy.values()) / len(accuracy),
-        "metrics": metrics,
-        "macro": macro,
-        "headline": headline,
-        "headlines": headlines,
-        "split": split,
-    }
