@@ -36,7 +36,7 @@ import torch
 import mosld
 from bench.report import machine_info
 from mosld.evaluation import generate_batch
-from mosld.evaluation.generation import left_pad
+from mosld.evaluation.generation_scoring import left_pad
 from mosld.models import load_base_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

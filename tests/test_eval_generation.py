@@ -1,7 +1,7 @@
 """The training side of generation tasks and of the router scalars, on fakes: the module's per-task sums,
 metrics and rows, the item records, the printed summary, and which router scalars TensorBoard gets.
 
-Decoding and scoring themselves (``mosld.evaluation.generation``, tested in test_generation.py) are replaced by a
+Decoding and scoring themselves (``mosld.evaluation.generation_scoring``, tested in test_generation.py) are replaced by a
 stand-in here; the end-to-end runs through them are in test_instruct.py."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from helpers import adapted
 
 from mosld.adapters import router_stats, set_router_stats
+from mosld.evaluation.sums import add_generation, add_multiple_choice, eval_metrics, new_sums
 from mosld.training.callbacks import RouterStatsCallback, eval_summary_text
-from mosld.training.eval_sums import add_generation, add_multiple_choice, eval_metrics, new_sums
 from mosld.training.module import MoSLDModule
 from mosld.training.records import ItemPredictionWriter
 
@@ -124,7 +124,7 @@ class Spec:
 
 @pytest.fixture
 def fake_generation(monkeypatch):
-    """Stand-in for the decoder and scorer the module calls (``mosld.evaluation.generation``, tested on its own):
+    """Stand-in for the decoder and scorer the module calls (``mosld.evaluation.generation_scoring``, tested on its own):
     'generates' each reference's first word, or "?" without any; exact match is 1 when the text is a reference."""
     module = SimpleNamespace()
     module.calls = []
@@ -138,8 +138,9 @@ def fake_generation(monkeypatch):
         return [float(t in refs) if metric == "exact_match" else 0.5 for t, refs in zip(texts, references, strict=True)]
 
     module.generate_batch, module.score_generations = generate_batch, score_generations
-    monkeypatch.setattr("mosld.training.module.generate_batch", generate_batch)
-    monkeypatch.setattr("mosld.training.module.score_generations", score_generations)
+    monkeypatch.setattr("mosld.evaluation.generation_scoring.generate_batch", generate_batch)  # evaluation steps
+    monkeypatch.setattr("mosld.evaluation.generation_scoring.score_generations", score_generations)
+    monkeypatch.setattr("mosld.training.module.generate_batch", generate_batch)  # predict
     return module
 
 

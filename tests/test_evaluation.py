@@ -18,7 +18,7 @@ from mosld.evaluation import (
     supports_prompt_sharing,
 )
 from mosld.evaluation.decoding import DecodeOptions
-from mosld.evaluation.generation import left_pad
+from mosld.evaluation.generation_scoring import left_pad
 from mosld.models import load_tokenizer
 
 DATA_DIR = SHARED_DATA

@@ -1,4 +1,4 @@
-"""Batched greedy decoding with the KV cache (mosld.evaluation.generation) on tiny random models."""
+"""Batched greedy decoding with the KV cache (mosld.evaluation.generation_scoring) on tiny random models."""
 
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import mosld
 from mosld.evaluation import generate_batch
-from mosld.evaluation.generation import cut_at_stop, generate_items, left_pad
+from mosld.evaluation.generation_scoring import cut_at_stop, generate_items, left_pad
 
 EOS, PAD, NEWLINE = 0, 1, 10
 # One character per id of the tiny models' 64-token vocabulary, so that texts compare token for token.

@@ -23,7 +23,7 @@ from mosld.data.generation import encode_generation_examples
 from mosld.data.tasks import generation_defaults, load_task
 from mosld.evaluation import evaluate
 from mosld.evaluation.decoding import DecodeOptions, left_pad
-from mosld.evaluation.generation import generate_batch, generate_items
+from mosld.evaluation.generation_scoring import generate_batch, generate_items
 from mosld.models import load_base_model, load_tokenizer
 from mosld.serve.model import load_served_model
 
@@ -217,7 +217,7 @@ def test_served_answers_are_mosld_evaluates_generations(client, run_dir, tiny_mo
         assert [s.strip() for s in served] == expected
         assert len(set(expected)) > 1  # the items get different answers: a real comparison
         result = evaluate(model, tokenizer, [task], split="test", generation={Path(task).name: overrides})
-        score = mosld.evaluation.generation.score_generations([s.strip() for s in served],
+        score = mosld.evaluation.generation_scoring.score_generations([s.strip() for s in served],
                                                                [i.references for i in items], "token_f1")  # fmt: skip
         assert result["accuracy"][Path(task).name] == pytest.approx(sum(score) / len(score))
     assert generation_defaults(CHAT_TASK).template == "chat" and generation_defaults(PLAIN_TASK).template == "plain"

@@ -10,32 +10,28 @@ masks (checkpoint restores the RNG state), so gradients equal the run without ch
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-_state = threading.local()
+from .inject import adapter_layers
+from .layer import is_recomputing, recomputing
 
-
-def is_recomputing() -> bool:
-    """True inside the forward that activation checkpointing recomputes during backward."""
-    return getattr(_state, "depth", 0) > 0
+__all__ = ["enable_gradient_checkpointing", "is_recomputing"]
 
 
 @contextlib.contextmanager
 def _recomputation(masks: dict[nn.Module, Tensor | None]) -> Iterator[None]:
     """The recomputed forward, with each adapter layer's padding mask as it was in the first forward
     (the model-level hooks that set it ran then; the balancing loss must see the same tokens)."""
-    _state.depth = getattr(_state, "depth", 0) + 1
-    for layer, mask in masks.items():
-        layer.token_mask = mask
-    try:
-        yield
-    finally:
-        _state.depth -= 1
-        for layer in masks:
-            layer.token_mask = None
+    with recomputing():
+        for layer, mask in masks.items():
+            layer.token_mask = mask
+        try:
+            yield
+        finally:
+            for layer in masks:
+                layer.token_mask = None
 
 
 def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1, offload: bool = False) -> nn.Module:
@@ -50,8 +46,6 @@ def enable_gradient_checkpointing(model: nn.Module, every_n_layers: int = 1, off
         raise ValueError(
             f"gradient_checkpointing: {type(model).__name__} does not support transformers' gradient checkpointing"
         )
-    from .inject import adapter_layers  # here: the layer module imports this one
-
     layers: list[nn.Module] = []
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:

@@ -12,14 +12,16 @@ computed in the adapter's compute dtype (``compute_dtype``) and added to the bas
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..quantization import is_quantized_layer
-from .checkpointing import is_recomputing
 from .mixture import dropconnect, load_balancing_loss, mixture_delta, routing_probs, topk_gates
 
 ADAPTER_PREFIX = "lora_"  # every trainable tensor's name contains this; see is_adapter_parameter
@@ -28,6 +30,26 @@ ADAPTER_PREFIX = "lora_"  # every trainable tensor's name contains this; see is_
 def is_adapter_parameter(name: str) -> bool:
     """True for adapter and router tensors (``...lora_A``, ``...lora_B``, ``...lora_router.weight``)."""
     return ADAPTER_PREFIX in name
+
+
+# Set while activation checkpointing recomputes a forward in backward (``mosld.adapters.checkpointing``, which
+# enters ``recomputing()``); kept here, with the layer that reads it, so that neither module imports the other.
+_recompute = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True inside the forward that activation checkpointing recomputes during backward."""
+    return getattr(_recompute, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Marks the forward run inside it as a recomputation (``is_recomputing()`` is True there)."""
+    _recompute.depth = getattr(_recompute, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _recompute.depth -= 1
 
 
 class RouterStats:

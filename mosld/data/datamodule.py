@@ -3,7 +3,6 @@ collators are in ``mosld.data.loaders``), and the on-disk cache of tokenised spl
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +26,8 @@ from mosld.data.generation import (
     GenerationItem,
     GenerationSpec,
     encode_generation_examples,
-    has_chat_template,
+    plain_without_chat_template,
+    user_task_defaults,
 )
 from mosld.data.loaders import (  # noqa: F401 -- re-exported: mosld imports them from here
     EvalCollator,
@@ -215,6 +215,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._encoded: dict[tuple[int, str], list[EncodedItem]] = {}
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], **options) -> MultiTaskDataModule:
+        """A data module over a tokenizer already loaded, for evaluating outside a Trainer (``mosld.evaluate``):
+        ``options`` as the constructor's; items are encoded on each use, never written to the token cache."""
+        datamodule = cls(list(tasks), model_name_or_path=tokenizer.name_or_path, **options)
+        datamodule._tokenizer = tokenizer
+        datamodule.cache_dir = None  # encode_cached without a cache
+        return datamodule
+
     def _generation_specs(self, templates: dict, generation: dict) -> tuple[dict[int, GenerationSpec], set[int]]:
         """The spec of each generation task (defaults, then the options), and the tasks whose options name a
         template (``chat`` asked for is then an error without a chat template, not a fall-back to ``plain``)."""
@@ -256,11 +265,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         """How generation task ``task_id`` is decoded and scored; ``None`` for a multiple-choice task."""
         spec = self._specs.get(task_id)
         if spec is not None and spec.template == "chat" and task_id not in self._chat_asked:
-            if not has_chat_template(self.tokenizer):  # chat rows' default, where the tokenizer has a chat template
+            fallback = plain_without_chat_template(spec, self.tokenizer)  # chat rows' default, where it applies
+            if fallback != spec:
                 log.info(
                     "task %s: the tokenizer has no chat template; using the plain template", self.task_names[task_id]
                 )
-                spec = self._specs[task_id] = dataclasses.replace(spec, template="plain")
+                spec = self._specs[task_id] = fallback
             self._chat_asked.add(task_id)
         return spec
 
@@ -280,16 +290,20 @@ class MultiTaskDataModule(L.LightningDataModule):
         """Tokenised items of one task's split (after the per-task cap), from the cache when possible."""
         key = (task_id, split)
         if key not in self._encoded:
-            examples = load_task(self.tasks[task_id], split, self.data_dir)
-            if split == "train":
-                examples = seeded_sample(examples, self.max_train_examples, self.seed)
-            else:
-                cap = self.eval_examples_by_task.get(self.task_names[task_id], self.max_eval_examples)
-                examples = seeded_sample(examples, cap, EVAL_SAMPLE_SEED)
+            examples = self.examples(task_id, split)
             self._item_ids[key] = item_ids(examples)
             template = self.generation_spec(task_id) or self._templates[task_id]
             self._encoded[key] = encode_cached(examples, self.tokenizer, template, self.max_length, self.cache_dir)
         return self._encoded[key]
+
+    def examples(self, task_id: int, split: str) -> list[Example] | list[GenerationExample]:
+        """One task's split as it is encoded: the training split capped at ``max_train_examples`` (a sample seeded
+        with ``seed``), the others at their evaluation cap (a fixed seeded sample)."""
+        examples = load_task(self.tasks[task_id], split, self.data_dir)
+        if split == "train":
+            return seeded_sample(examples, self.max_train_examples, self.seed)
+        cap = self.eval_examples_by_task.get(self.task_names[task_id], self.max_eval_examples)
+        return seeded_sample(examples, cap, EVAL_SAMPLE_SEED)
 
     def item_ids(self, task_id: int, split: str) -> list[str]:
         """Stable ids of ``encoded(task_id, split)``'s items, in the same order."""
@@ -348,23 +362,24 @@ class MultiTaskDataModule(L.LightningDataModule):
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
+    def eval_dataloader(self, task_id: int, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The evaluation loader of one task's split (its items ``rank::world_size``), as ``val_dataloader`` and
+        ``test_dataloader`` give it; ``mosld.evaluate`` loops over it too."""
+        return eval_loader(
+            self.encoded(task_id, split),
+            task_id,
+            self.tokenizer.pad_token_id,
+            self.eval_batch_size,
+            rank,
+            world_size,
+            self.num_workers,
+            ids=self.item_ids(task_id, split),
+            generation=self.generation_spec(task_id),
+        )
+
     def _eval_dataloaders(self, split: str) -> list[DataLoader]:
         rank, world_size = self._rank_world()
-        pad_id = self.tokenizer.pad_token_id
-        return [
-            eval_loader(
-                self.encoded(i, split),
-                i,
-                pad_id,
-                self.eval_batch_size,
-                rank,
-                world_size,
-                self.num_workers,
-                ids=self.item_ids(i, split),
-                generation=self.generation_spec(i),
-            )  # fmt: skip
-            for i in range(len(self.tasks))
-        ]
+        return [self.eval_dataloader(i, split, rank, world_size) for i in range(len(self.tasks))]
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         # a generation batch's spec (a frozen dataclass) rides along as it is: Lightning's mover would rebuild it
@@ -391,8 +406,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         if generation:
             spec = self.generation_spec(task_id) if task_id is not None else None
             if spec is None:  # no generation task to take it from: a user task's defaults
-                chat = detect_format(read_jsonl(self.predict_file)[0]) is CHAT and has_chat_template(self.tokenizer)
-                spec = GenerationSpec("rouge_l", 128, (), "chat" if chat else "plain")
+                chat_rows = detect_format(read_jsonl(self.predict_file)[0]) is CHAT
+                spec = plain_without_chat_template(user_task_defaults(chat_rows), self.tokenizer)
             items = encode_generation_examples(examples, self.tokenizer, spec, self.max_length)
             collate = GenerationCollator(pad_id, spec)
         else:

@@ -75,6 +75,20 @@ class GenerationSpec:
             raise ValueError(f"{option}: {err}") from None
 
 
+def user_task_defaults(chat_rows: bool) -> GenerationSpec:
+    """A user generation task's spec when no option sets it: ROUGE-L, 128 new tokens, no stop string; the chat
+    template for chat rows (``plain_without_chat_template`` turns it to ``plain`` for a tokenizer without one)."""
+    return GenerationSpec("rouge_l", 128, (), "chat" if chat_rows else "plain")
+
+
+def plain_without_chat_template(spec: GenerationSpec, tokenizer: PreTrainedTokenizerBase) -> GenerationSpec:
+    """A default ``chat`` template as it applies to ``tokenizer``: ``plain`` when the tokenizer has no chat template.
+    (Only for a template no option asked for: ``chat`` asked of such a tokenizer is an error when encoding.)"""
+    if spec.template == "chat" and not has_chat_template(tokenizer):
+        return dataclasses.replace(spec, template="plain")
+    return spec
+
+
 @dataclass
 class GenerationItem:
     """Token ids of one generation item.

@@ -36,7 +36,7 @@ from .formats import (
     parse_gsm8k,
     read_jsonl,
 )
-from .generation import GenerationSpec
+from .generation import GenerationSpec, user_task_defaults
 from .rows import (  # noqa: F401 -- re-exported
     LETTERS,
     MMLU_HEADER,
@@ -315,7 +315,7 @@ class _UserSource(_Source):
     def generation_defaults(self) -> GenerationSpec:
         """ROUGE-L, 128 new tokens, no stop string; the chat template for chat rows (where the tokenizer has one)."""
         formats = [self.row_format(split) for split in SPLITS if split in self.files]
-        return GenerationSpec("rouge_l", 128, (), "chat" if CHAT in formats[:1] else "plain")
+        return user_task_defaults(CHAT in formats[:1])
 
 
 def _user_split_files(path: Path) -> dict[str, Path]:

@@ -1,18 +1,19 @@
-"""Evaluation: multiple choice by log-likelihood (``multiple_choice``), generation tasks by greedy decoding
-(``generation``) scored by the metrics of ``metrics``; ``evaluate`` runs either kind without Lightning."""
+"""Evaluation, one pipeline for ``validate`` / ``test`` and ``mosld.evaluate``: the step per batch and the
+``evaluate`` loop (``run``), multiple choice by log-likelihood (``multiple_choice``), generation batches decoded by
+the one decoder (``decoding``) and scored (``generation_scoring``) by the metrics of ``metrics``, and the per-task
+sums and figures both paths report (``sums``)."""
 
-from .generation import generate_batch, score_generations
+from .decoding import forward_parameters
+from .generation_scoring import generate_batch, score_generations
 from .metrics import METRICS, extract_final_number
 from .multiple_choice import (
-    HEADLINE,
-    SCORINGS,
     answer_logits,
-    evaluate,
     extract_choice,
-    forward_parameters,
     score_batch,
     supports_prompt_sharing,
 )
+from .run import evaluate
+from .sums import HEADLINE, SCORINGS
 
 __all__ = [
     "HEADLINE",

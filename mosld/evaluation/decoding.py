@@ -1,6 +1,6 @@
 """The one decoder: batched decoding on the KV cache, a token per step, greedy or sampled, row by row.
 
-Training-time evaluation and ``mosld.evaluate`` decode through ``generate_batch`` (``mosld.evaluation.generation``),
+Training-time evaluation and ``mosld.evaluate`` decode through ``generate_batch`` (``mosld.evaluation.generation_scoring``),
 the server (``mosld.serve``) through ``decode_steps`` itself; both run this loop. It is a short loop rather than
 ``model.generate``, so that what each model call receives is explicit and the same for every adapter method:
 
@@ -21,6 +21,7 @@ every row has stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,13 @@ class _Row:
     sampled: int = 0  # tokens drawn, an EOS included: what max_new_tokens limits
     emitted: str = ""  # text handed out as deltas so far
     finish_reason: FinishReason | None = None
+
+
+def decode_options(spec: object) -> DecodeOptions:
+    """The ``DecodeOptions`` of a generation task's spec (``mosld.data.generation.GenerationSpec``): every field the
+    two share, so that a decoding option given to both reaches the decoder without code in between."""
+    shared = {f.name: getattr(spec, f.name) for f in dataclasses.fields(DecodeOptions) if hasattr(spec, f.name)}
+    return DecodeOptions(**shared)
 
 
 def forward_parameters(model: torch.nn.Module) -> set[str]:

@@ -1,31 +1,27 @@
-"""Multiple-choice evaluation: log-likelihood scoring of each choice, or greedy generation and answer extraction.
+"""Multiple-choice scoring: the log-likelihood of each choice (``score_batch``), or greedy generation and answer
+extraction (``generate_choices``).
 
 Headline metric: ``accuracy_norm``, the choice with the highest log-likelihood divided by the character
 length of its answer text (without the leading space: lm-evaluation-harness's ``acc_norm``, docs/harness.md),
 scored cloze-style after the task's prompt. ``accuracy_sum`` (unnormalised) and ``accuracy_token_norm``
-(mean per answer token) are reported beside it. Measurements behind the choice: docs/zero_shot.md.
+(mean per answer token) are reported beside it (the names: ``mosld.evaluation.sums.MC_SCORINGS``). Measurements
+behind the choice: docs/zero_shot.md.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Sequence
-from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from mosld.data.datamodule import eval_loader
-from mosld.data.prompts import FAMILY_TEMPLATES, EncodedItem, encode_examples, get_template
-from mosld.data.tasks import EVAL_SAMPLE_SEED, LETTERS, load_task, seeded_sample, task_family, task_name
+from mosld.data.prompts import EncodedItem
+from mosld.data.tasks import LETTERS
 
 from .decoding import DecodeOptions, forward_parameters
-from .generation import evaluate_generation, generate_items
-
-HEADLINE = "accuracy_norm"
-SCORINGS = {"accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm", "accuracy_token_norm": "correct_token_norm"}
+from .generation_scoring import generate_items
 
 
 def _argmax_per_item(scores: Tensor, item_index: Tensor, choice_index: Tensor, num_items: int) -> Tensor:
@@ -193,7 +189,7 @@ def extract_choice(generated: str, choices: Sequence[str], lettered: bool = Fals
     return best if overlaps[best] > 0 else -1
 
 
-def _generate_predictions(
+def generate_choices(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     items: Sequence[EncodedItem],
@@ -202,147 +198,8 @@ def _generate_predictions(
     batch_size: int,
     max_new_tokens: int,
 ) -> list[int]:
-    """Each item's choice, from its greedy continuation's first line (the decoder of generation tasks)."""
+    """Each item's choice from its greedy continuation's first line (``extract_choice``): ``mosld.evaluate``'s
+    ``method="generate"``, decoded like a generation task's items (``generate_items``, the one decoder)."""
     first_line = DecodeOptions(max_new_tokens, stop=("\n",))
     texts = generate_items(model, tokenizer, items, first_line, batch_size)
     return [extract_choice(text, item_choices, lettered) for text, item_choices in zip(texts, choices, strict=True)]
-
-
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    tasks: Sequence[str],
-    split: str = "test",
-    data_dir: str | None = None,
-    limit: int | None = None,
-    *,
-    batch_size: int = 8,
-    max_length: int = 512,
-    method: Literal["loglik", "generate"] = "loglik",
-    templates: dict[str, str] | None = None,
-    max_new_tokens: int = 32,
-    share_prompt: bool | None = None,
-    generation: dict[str, dict[str, Any]] | None = None,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """Zero-shot (or fine-tuned) accuracy of a causal LM on multiple-choice and generation tasks, without Lightning.
-
-    A task whose examples carry ``references`` (generation examples) is decoded greedily
-    (``mosld.evaluation.generation``) and scored by its spec's metric; the others are multiple choice.
-
-    Args:
-        model: Causal LM (any device); put in eval mode for the call and restored afterwards.
-        tokenizer: Its tokenizer (``mosld.models.load_tokenizer``).
-        tasks: Registry names or user task paths.
-        split: ``train``, ``validation`` or ``test`` (the paper's splits, see ``docs/data.md``).
-        data_dir: Local data directory; default ``$MOSLD_DATA_DIR``, else the Hugging Face Hub.
-        limit: At most this many items per task, a fixed seeded sample (the same as the DataModule's
-            ``max_eval_examples``).
-        batch_size: Items per forward pass (all choices of an item go in the same pass).
-        max_length: Token budget per sequence; long passages are truncated.
-        method: ``loglik`` scores each choice's log-likelihood; ``generate`` decodes greedily and maps the
-            text to a choice (the paper's way; needs a model trained on the prompts, or a lettered template).
-        templates: Prompt template per task name, overriding the registry's choice.
-        max_new_tokens: Generation length for ``method="generate"``.
-        share_prompt: Score choices on a shared prompt KV cache (see ``score_batch``); default: when the model
-            supports it.
-        generation: Per generation task name, ``GenerationSpec`` fields overriding the task's defaults
-            (e.g. ``{"my_task": {"metric": "token_f1", "max_new_tokens": 64}}``).
-        verbose: Print one line per task as it finishes.
-
-    Returns:
-        ``{"accuracy": {task: headline accuracy}, "macro_accuracy": float, "metrics": {task: {"accuracy_sum",
-        "accuracy_norm", "accuracy_token_norm", "num_items", "seconds"}}, "macro": {variant: float},
-        "headline": str, "split": str}``. With ``method="generate"`` the headline is ``accuracy_generate``.
-        A generation task's metrics are ``{metric: mean score, "num_items", "seconds"}``, its accuracy the
-        mean score; with any generation task the result also has ``"headlines": {task: metric}``, and
-        ``macro_accuracy`` is the mean of the tasks' headlines (``macro``: each variant over the tasks having it).
-    """
-    if method not in ("loglik", "generate"):
-        raise ValueError(f"method: expected 'loglik' or 'generate', got {method!r}")
-    templates = dict(templates or {})
-    was_training = model.training
-    model.eval()
-    metrics: dict[str, dict[str, float]] = {}
-    generation_metric: dict[str, str] = {}  # generation task -> its metric (its headline)
-    try:
-        for task_id, task in enumerate(tasks):
-            started = time.perf_counter()
-            name = task_name(task)
-            examples = seeded_sample(load_task(task, split, data_dir), limit, EVAL_SAMPLE_SEED)
-            if examples and hasattr(examples[0], "references"):  # a generation task
-                result, num_items = evaluate_generation(
-                    model, tokenizer, task, examples, (generation or {}).get(name), batch_size, max_length
-                )
-                generation_metric[name] = next(iter(result))
-                metrics[name] = {**result, "num_items": num_items, "seconds": time.perf_counter() - started}
-                if verbose:
-                    print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[name].items()), flush=True)
-                continue
-            template = get_template(templates.get(name, FAMILY_TEMPLATES[task_family(task)]))
-            items = encode_examples(examples, tokenizer, template, max_length)
-            if method == "generate":
-                lettered = "{letter}" in template.answer
-                choices = [e.choices for e in examples]
-                preds = _generate_predictions(model, tokenizer, items, choices, lettered, batch_size, max_new_tokens)
-                correct = [float(p == e.label) for p, e in zip(preds, examples, strict=True)]
-                result = {"accuracy_generate": sum(correct) / len(correct)}
-            else:
-                share = supports_prompt_sharing(model) if share_prompt is None else share_prompt
-                result = _loglik_accuracy(model, items, task_id, tokenizer.pad_token_id, batch_size, share)
-            metrics[name] = {**result, "num_items": len(items), "seconds": time.perf_counter() - started}
-            if verbose:
-                print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[name].items()), flush=True)
-    finally:
-        model.train(was_training)
-    headline = "accuracy_generate" if method == "generate" else HEADLINE
-    variants = [headline] if method == "generate" else list(SCORINGS)
-    if generation_metric:
-        return _mixed_result(metrics, generation_metric, headline, variants, split)
-    macro = {v: sum(m[v] for m in metrics.values()) / len(metrics) for v in variants}
-    return {
-        "accuracy": {name: m[headline] for name, m in metrics.items()},
-        "macro_accuracy": macro[headline],
-        "metrics": metrics,
-        "macro": macro,
-        "headline": headline,
-        "split": split,
-    }
-
-
-def _mixed_result(
-    metrics: dict[str, dict[str, float]],
-    generation_metric: dict[str, str],
-    headline: str,
-    variants: list[str],
-    split: str,
-) -> dict[str, Any]:
-    """``evaluate``'s result when some tasks are generation tasks: each task's own headline."""
-    headlines = {name: generation_metric.get(name, headline) for name in metrics}
-    accuracy = {name: metrics[name][headlines[name]] for name in metrics}
-    macro = {}
-    for variant in [*variants, *dict.fromkeys(generation_metric.values())]:
-        values = [m[variant] for m in metrics.values() if variant in m]
-        if values:
-            macro[variant] = sum(values) / len(values)
-    return {
-        "accuracy": accuracy,
-        "macro_accuracy": sum(accuracy.values()) / len(accuracy),
-        "metrics": metrics,
-        "macro": macro,
-        "headline": headline,
-        "headlines": headlines,
-        "split": split,
-    }
-
-
-@torch.inference_mode()
-def _loglik_accuracy(
-    model: torch.nn.Module, items: Sequence[EncodedItem], task_id: int, pad_id: int, batch_size: int, share: bool
-) -> dict[str, float]:
-    totals = dict.fromkeys(SCORINGS.values(), 0.0)
-    for batch in eval_loader(items, task_id, pad_id, batch_size):
-        scores = score_batch(model, batch, share_prompt=share)
-        for key in totals:
-            totals[key] += scores[key].sum().item()
-    return {metric: totals[key] / len(items) for metric, key in SCORINGS.items()}

@@ -1,8 +1,9 @@
 """The LightningModule: a base causal LM with MoSLD adapters, trained on the answer tokens.
 
 It knows nothing of files or task formats: it receives batches from the data module
-(``mosld.data``) and scores evaluation batches with ``mosld.evaluation.score_batch`` (multiple choice) or
-by generating (``mosld.evaluation.generation``; a generation batch has ``references``).
+(``mosld.data``) and scores evaluation batches with ``mosld.evaluation.run.eval_step``, the step ``mosld.evaluate``
+runs too (``score_batch`` for multiple choice; decoding and a metric for a generation batch, which has
+``references``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from ..adapters.checkpointing import enable_gradient_checkpointing
 from ..adapters.inject import clean_name
 from ..adapters.layer import is_adapter_parameter
 from ..evaluation import answer_logits, score_batch, supports_prompt_sharing
-from ..evaluation.generation import generate_batch, score_generations
+from ..evaluation.generation_scoring import generate_batch
+from ..evaluation.run import eval_step, is_generation_batch
+from ..evaluation.sums import eval_metrics, headline_key, new_sums
 from ..models import load_base_model
 from ..options import builtin_arguments
 from ..quantization import QuantizationConfig
-from .eval_sums import add_generation, add_multiple_choice, eval_metrics, headline_key, new_sums
 from .resume import adopt_optimizer_options
 
 
@@ -36,11 +38,6 @@ def answer_logits_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tens
     """
     logits, targets, _ = answer_logits(model, batch)
     return torch.nn.functional.cross_entropy(logits.float(), targets)  # fp32 like the models' own loss
-
-
-def is_generation_batch(batch: dict) -> bool:
-    """A generation task's evaluation batch (prompts and references) rather than a multiple-choice one."""
-    return "references" in batch
 
 
 class MoSLDModule(L.LightningModule):
@@ -91,7 +88,7 @@ class MoSLDModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         # Checkpoints hold only adapter tensors, so the frozen base keys are absent on load.
         self.strict_loading = False
-        self._sums: dict[str, Tensor] = {}  # per-task sums of an evaluation epoch (mosld.training.eval_sums)
+        self._sums: dict[str, Tensor] = {}  # per-task sums of an evaluation epoch (mosld.evaluation.sums)
         self._metric_names: dict[int, str] = {}  # generation task index -> metric name, from the batches seen
 
     def configure_model(self) -> None:
@@ -215,25 +212,17 @@ class MoSLDModule(L.LightningModule):
         self.on_validation_epoch_start()
 
     def generate(self, batch: dict) -> list[str]:
-        """Greedy continuations of a generation batch's prompts (``mosld.evaluation.generation``)."""
+        """Greedy continuations of a generation batch's prompts (``mosld.evaluation.generation_scoring``)."""
         return generate_batch(self.model, batch, self.trainer.datamodule.tokenizer)
-
-    def _score_generation(self, batch: dict) -> tuple[list[str], Tensor]:
-        texts = self.generate(batch)
-        scores = score_generations(texts, batch["references"], batch["generation"].metric)
-        return texts, torch.tensor(scores, dtype=torch.float64, device=self.device)
 
     def _eval_step(self, batch: dict, dataloader_idx: int) -> dict:
         """Adds the batch to the per-task sums; returns the per-item scores (for callbacks that keep them):
         a multiple-choice batch's predictions and correctness, a generation batch's texts and scores."""
-        if is_generation_batch(batch):
-            texts, scores = self._score_generation(batch)
-            self._metric_names[dataloader_idx] = batch["generation"].metric
-            add_generation(self._sums, dataloader_idx, scores)
-            return {"generated": texts, "score": scores}
-        scores = score_batch(self.model, batch, share_prompt=self._share_prompt)
-        add_multiple_choice(self._sums, dataloader_idx, scores)
-        return {key: scores[key] for key in ("pred", "correct", "correct_sum", "correct_norm", "correct_token_norm")}
+        tokenizer = self.trainer.datamodule.tokenizer
+        outputs, metric = eval_step(self.model, batch, tokenizer, self._sums, dataloader_idx, self._share_prompt)
+        if metric is not None:
+            self._metric_names[dataloader_idx] = metric
+        return outputs
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         return self._eval_step(batch, dataloader_idx)
@@ -242,7 +231,7 @@ class MoSLDModule(L.LightningModule):
         return self._eval_step(batch, dataloader_idx)
 
     def eval_metrics(self, stage: str) -> dict[str, float]:
-        """Per-task metrics reduced over all ranks (``mosld.training.eval_sums.eval_metrics``): multiple-choice
+        """Per-task metrics reduced over all ranks (``mosld.evaluation.sums.eval_metrics``): multiple-choice
         accuracy under each scoring with its 95% interval and the answer-token loss, a generation task's metric
         with its interval; keys are identical on every rank."""
         sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._sums.items()}

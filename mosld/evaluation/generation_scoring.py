@@ -1,5 +1,6 @@
-"""Evaluation by generation: prompts decoded by the one decoder (``mosld.evaluation.decoding``), then a metric
-per item.
+"""Scoring a generation batch: its prompts decoded by the one decoder (``mosld.evaluation.decoding``), then the
+task's metric (``mosld.evaluation.metrics``) per item. (Generation items, their spec and batches are built on the
+data floor, ``mosld.data.generation``.)
 
 ``generate_batch`` decodes a generation eval batch (prompts left-padded, so that every row's next token is
 predicted in the last column) greedily with the task's ``max_new_tokens`` and stop strings, on the prompt's
@@ -13,12 +14,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from .decoding import DecodeOptions, cut_at_stop, decode_steps, eos_token_ids, left_pad
+from .decoding import cut_at_stop, decode_options, decode_steps, eos_token_ids, left_pad
 from .metrics import METRICS
 
-__all__ = ["cut_at_stop", "eos_token_ids", "evaluate_generation", "generate_batch", "generate_items", "left_pad"]
+__all__ = [
+    "cut_at_stop",
+    "eos_token_ids",
+    "generate_batch",
+    "generate_items",
+    "left_pad",
+    "score_generation_batch",
+    "score_generations",
+]
 
 
 def generate_batch(model: torch.nn.Module, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -34,7 +44,7 @@ def generate_batch(model: torch.nn.Module, batch: dict[str, Any], tokenizer: Pre
         Per row, the decoded continuation (special tokens skipped) cut before the first stop string, stripped.
     """
     spec = batch["generation"]
-    options = DecodeOptions(int(spec.max_new_tokens), tuple(spec.stop or ()))
+    options = decode_options(spec)
     texts = [""] * batch["input_ids"].shape[0]
     for updates in decode_steps(model, tokenizer, batch["input_ids"], batch["attention_mask"], [options] * len(texts)):
         for update in updates:
@@ -62,6 +72,16 @@ def score_generations(
     return [float(score(text, refs)) for text, refs in zip(texts, references, strict=True)]
 
 
+def score_generation_batch(
+    model: torch.nn.Module, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[str], Tensor]:
+    """A generation eval batch's continuations (``generate_batch``) and their scores under its spec's metric
+    (float64, one per row)."""
+    texts = generate_batch(model, batch, tokenizer)
+    scores = score_generations(texts, batch["references"], batch["generation"].metric)
+    return texts, torch.tensor(scores, dtype=torch.float64)
+
+
 def generate_items(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, items: Sequence[Any], spec: Any, batch_size: int
 ) -> list[str]:
@@ -79,31 +99,3 @@ def generate_items(
         for i, text in zip(chunk, generate_batch(model, batch, tokenizer), strict=True):
             texts[i] = text
     return texts
-
-
-def evaluate_generation(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    task: str,
-    examples: Sequence[Any],
-    overrides: dict[str, Any] | None,
-    batch_size: int,
-    max_length: int,
-) -> tuple[dict[str, float], int]:
-    """One generation task of ``mosld.evaluate``: ``({metric: mean score}, number of items)``.
-
-    The examples (``GenerationExample``: ``references``) are encoded with
-    ``mosld.data.generation.encode_generation_examples`` under the task's ``GenerationSpec`` (its fields
-    replaced by ``overrides``), decoded with ``generate_batch`` and scored with the spec's metric.
-    """
-    from mosld.data import generation as data_generation  # the data floor; imported when a task needs it
-    from mosld.data.tasks import generation_defaults
-
-    spec = generation_defaults(task)  # the registry's (bAbI qa8: set_match, gsm8k: final_number) or a user task's
-    if spec.template == "chat" and not data_generation.has_chat_template(tokenizer):
-        spec = spec.replace({"template": "plain"})  # chat rows' default, as the data module does
-    spec = spec.replace(overrides or {}, option="generation")
-    items = data_generation.encode_generation_examples(examples, tokenizer, spec, max_length)
-    texts = generate_items(model, tokenizer, items, spec, batch_size)
-    scores = score_generations(texts, [item.references for item in items], spec.metric)
-    return {spec.metric: sum(scores) / max(1, len(scores))}, len(items)

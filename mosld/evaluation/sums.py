@@ -10,11 +10,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-MC_SUMS = ("correct", "correct_sum", "correct_norm", "correct_token_norm", "gold_loss_sum", "gold_tokens")
+
+class Scoring(NamedTuple):
+    """One way of picking a multiple-choice item's answer, under each of its names."""
+
+    key: str  # score_batch's per-item 0/1 and the sum it adds to
+    result: str  # its name in mosld.evaluate's result
+    logged: str  # its name in the logged metrics: {stage}/{task}/{logged}
+
+
+# The multiple-choice scorings (``mosld.evaluation.multiple_choice.score_batch``): summed log-likelihood, per
+# character of the answer (the headline, also summed as ``correct`` and logged as ``acc``), per answer token.
+MC_SCORINGS = (
+    Scoring("correct_sum", "accuracy_sum", "acc_sum"),
+    Scoring("correct_norm", "accuracy_norm", "acc_norm"),
+    Scoring("correct_token_norm", "accuracy_token_norm", "acc_token_norm"),
+)
+HEADLINE = "accuracy_norm"  # mosld.evaluate's headline multiple-choice scoring
+SCORINGS = {s.result: s.key for s in MC_SCORINGS}  # mosld.evaluate's name -> per-item key
+GENERATE_HEADLINE = "accuracy_generate"  # mosld.evaluate(method="generate"): the generated text names the choice
+MC_SUMS = ("correct", *(s.key for s in MC_SCORINGS), "gold_loss_sum", "gold_tokens")
 SUMS = ("items", *MC_SUMS, "score", "score_sq")
 Z95 = 1.96
 
@@ -84,9 +104,8 @@ def eval_metrics(stage: str, tasks: Sequence[str], sums: Mapping[str, Tensor],
         ci = Z95 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
         metrics[f"{stage}/{task}/acc"] = acc
         metrics[f"{stage}/{task}/acc_ci95"] = ci
-        metrics[f"{stage}/{task}/acc_sum"] = float(sums["correct_sum"][i]) / n
-        metrics[f"{stage}/{task}/acc_norm"] = float(sums["correct_norm"][i]) / n
-        metrics[f"{stage}/{task}/acc_token_norm"] = float(sums["correct_token_norm"][i]) / n
+        for scoring in MC_SCORINGS:
+            metrics[f"{stage}/{task}/{scoring.logged}"] = float(sums[scoring.key][i]) / n
         metrics[f"{stage}/{task}/items"] = n
         metrics[f"{stage}/{task}/answer_loss"] = float(sums["gold_loss_sum"][i]) / max(
             float(sums["gold_tokens"][i]), 1.0
