@@ -10,25 +10,8 @@ The public API::
     mosld.export_peft(model, "out/peft", mosld.mean_gates(model, batches))  # a plain LoRA (docs/serving.md)
 """
 
-from .adapters import (
-    AdapterConfig,
-    MoSLDLinear,
-    adapter_layers,
-    adapter_state_dict,
-    aux_loss,
-    count_parameters,
-    export_peft,
-    inject_adapters,
-    load_adapter,
-    mean_gates,
-    merge_adapters,
-    router_stats,
-    save_adapter,
-    set_aux_loss,
-    set_router_stats,
-    set_static_gates,
-    unmerge_adapters,
-)
+from . import adapters as _adapters
+from .adapters import *  # noqa: F403 - the adapter floor's public API is the package's, listed once there
 
 __version__ = "0.1.0"
 
@@ -40,23 +23,4 @@ def evaluate(*args, **kwargs):
     return _evaluate(*args, **kwargs)
 
 
-__all__ = [
-    "AdapterConfig",
-    "MoSLDLinear",
-    "adapter_layers",
-    "adapter_state_dict",
-    "aux_loss",
-    "count_parameters",
-    "evaluate",
-    "export_peft",
-    "inject_adapters",
-    "load_adapter",
-    "mean_gates",
-    "merge_adapters",
-    "router_stats",
-    "save_adapter",
-    "set_aux_loss",
-    "set_router_stats",
-    "set_static_gates",
-    "unmerge_adapters",
-]
+__all__ = [*_adapters.__all__, "evaluate"]
