@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# the row shapes and parsers live in rows.py; the names are kept here, where the rest of mosld imports them from
+# the row shapes and parsers live in formats.py; the names are kept here, where the rest of mosld imports them from
 from .formats import (
     CHAT,
     GENERATION,

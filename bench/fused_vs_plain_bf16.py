@@ -5,7 +5,7 @@ training batches with the same seeds; prints each step's loss and how far the ad
 in fp32 and in bf16 autocast (the default run's precision). Run from the repository root:
 
     mkdir -p /tmp/old && git show a4586b7:mosld/adapters/layer.py > /tmp/old/old_layer.py
-    MOSLD_DATA_DIR=../shared/data python bench/results/cpu-fused-vs-plain-bf16.py 12
+    MOSLD_DATA_DIR=../shared/data python bench/fused_vs_plain_bf16.py 12
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ can be read against the gap one layer shows with itself when only the thread cou
 repository root:
 
     mkdir -p /tmp/old && git show a4586b7:mosld/adapters/layer.py > /tmp/old/old_layer.py
-    MOSLD_DATA_DIR=../shared/data python bench/results/cpu-bf16-threads.py 12
+    MOSLD_DATA_DIR=../shared/data python bench/bf16_threads.py 12
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 # The training loop and the old-layer swap of the fused-vs-plain comparison beside this file.
-_spec = importlib.util.spec_from_file_location("fused_vs_plain", Path(__file__).with_name("cpu-fused-vs-plain-bf16.py"))
+_spec = importlib.util.spec_from_file_location("fused_vs_plain", Path(__file__).with_name("fused_vs_plain_bf16.py"))
 fused_vs_plain = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fused_vs_plain)
 
