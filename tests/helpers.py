@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 import mosld
@@ -108,3 +109,21 @@ def tiny_run_args(model_dir: str, root: Path, *extra: str) -> list[str]:
         str(root),
         *extra,
     ]
+
+
+def write_routed_run(model_dir: str, run: Path, **config) -> Path:
+    """A run folder as fit leaves it: ``config.yaml`` naming the tiny base at ``model_dir`` (plus ``config``'s
+    top-level sections), and a routed MoSLD ``adapter/`` whose B matrices are random, so that it changes the
+    model's outputs (B starts at zero)."""
+    from mosld.models import load_base_model
+
+    model = load_base_model(model_dir)
+    cfg = mosld.AdapterConfig(method="mosld", r=4, alpha=8, target_modules=("q_proj", "v_proj"), num_experts=(4, 2))
+    mosld.inject_adapters(model, cfg)
+    torch.manual_seed(1)
+    for layer in mosld.adapter_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    mosld.save_adapter(model, run / "adapter")
+    model_section = {"model_name_or_path": model_dir, "dtype": "float32", "adapter": cfg.to_dict()}
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": model_section, **config}))
+    return run

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import EXAMPLE_TASK, REPO
+from helpers import EXAMPLE_TASK, REPO, write_routed_run
 
 import mosld
 from mosld.data.datamodule import eval_loader
@@ -30,18 +30,8 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A run folder as fit leaves it: config.yaml naming the tiny base, and a routed MoSLD adapter/."""
-    run = tmp_path_factory.mktemp("run")
-    model = load_base_model(tiny_model_dir)
-    cfg = mosld.AdapterConfig(method="mosld", r=4, alpha=8, target_modules=("q_proj", "v_proj"), num_experts=(4, 2))
-    mosld.inject_adapters(model, cfg)
-    torch.manual_seed(1)
-    for layer in mosld.adapter_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B, std=0.5)  # B starts at zero: make the adapter change the scores
-    mosld.save_adapter(model, run / "adapter")
-    config = {"model": {"model_name_or_path": tiny_model_dir, "dtype": "float32", "adapter": cfg.to_dict()}}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    return run
+    """A finished run as fit leaves it: config.yaml naming the tiny base, and a routed MoSLD adapter/."""
+    return write_routed_run(tiny_model_dir, tmp_path_factory.mktemp("run"))
 
 
 def harness_samples(lm, tasks: Path, name: str) -> list[dict]:
