@@ -40,24 +40,11 @@ def adapter_kwargs(variant: str, balance_loss: bool) -> tuple[str, dict]:
     common = dict(r=R, lora_alpha=ALPHA, lora_dropout=LORA_DROPOUT)
     if variant == "lora":
         return "LORA", dict(common, target_modules=list(QV))
+    routed = dict(num_experts=EXPERTS, top_k=TOP_K, router_loss=balance_loss)
     if variant == "mola":
-        return "MOLA", dict(
-            common,
-            target_modules=list(QV),
-            routing_strategy="mola",
-            num_experts=EXPERTS,
-            top_k=TOP_K,
-            router_loss=balance_loss,
-        )
+        return "MOLA", dict(common, target_modules=list(QV), routing_strategy="mola", **routed)
     if variant == "mixlora":
-        return "MIXLORA", dict(
-            common,
-            target_modules=list(MLP),
-            routing_strategy="mixlora",
-            num_experts=EXPERTS,
-            top_k=TOP_K,
-            router_loss=balance_loss,
-        )
+        return "MIXLORA", dict(common, target_modules=list(MLP), routing_strategy="mixlora", **routed)
     raise ValueError(f"unknown MoE-PEFT-side variant {variant!r}; known: {', '.join(LABELS)}")
 
 
