@@ -33,7 +33,7 @@ from .ood import (
 )
 from .routing import routing_section
 from .settings import setting_claims, settings_section
-from .stats import RESAMPLES, Bootstrap, mean_sd
+from .stats import ESCALATED, MC_LEVEL, RESAMPLES, Bootstrap, mean_sd
 
 
 def borrowed_records(results_dir: Path, methods: list[str], tasks: list[str]) -> list[dict]:
@@ -242,7 +242,8 @@ def aggregate(
         "",
         '"Holds" and "is reversed" mean the 95% interval over seeds and items excludes zero; "within noise" means '
         'it does not; "borderline" means that an end of the interval is so close to zero that the bootstrap\'s own '
-        "randomness could move it across (its 99% Monte Carlo band holds zero, even after 100,000 resamples). "
+        f"randomness could move it across (its {MC_LEVEL:.0%} Monte Carlo band holds zero, even after "
+        f"{ESCALATED:,} resamples). "
         "Holm's step-down adjustment of the bootstrap p-values over all the claims on this page (a family-wise "
         "error of 5%) gives the second verdict. The paper's own difference is set against each interval: "
         "outside it, this scale excludes the paper's effect; inside, it cannot tell. For reference, the paper's "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .stats import Comparison, holm
+from .stats import MC_LEVEL, Comparison, holm
 
 ALPHA = 0.05
 METHOD_ORDER = ["base", "lora", "mola", "mosl", "mosld", "share_b"]
@@ -126,7 +126,7 @@ def monte_carlo_note(c: Comparison) -> str:
     if end is None:
         return ""
     value, band = (c.seeds[0], c.low_band) if end == "lower" else (c.seeds[1], c.high_band)
-    return (f"; the interval's {end} end {points(value)} has a 99% Monte Carlo band {interval(band)} at "
+    return (f"; the interval's {end} end {points(value)} has a {MC_LEVEL:.0%} Monte Carlo band {interval(band)} at "
             f"{c.resamples:,} resamples: another bootstrap seed could move it across 0")  # fmt: skip
 
 

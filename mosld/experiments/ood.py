@@ -14,7 +14,7 @@ import numpy as np
 
 from .claims import METHOD_ORDER, NAMES, Claim, interval, p_text, paper_difference, points
 from .metrics import headline
-from .stats import Bootstrap, Comparison, mean_sd
+from .stats import MC_LEVEL, Bootstrap, Comparison, mean_sd
 
 # The labels a task's predictions are read as (the index of the choice): BoolQ's choices are ["no", "yes"].
 LABELS = {"boolq": ["no", "yes"], "mmlu": ["A", "B", "C", "D"]}
@@ -59,7 +59,7 @@ INTERVALS_NOTE = (
     "*p*: the bootstrap p-value of no difference from the same resamples (twice the smaller share of resampled "
     "differences on either side of 0), so p < 0.05 exactly where the seeds + items interval excludes 0; it "
     "respects the seeds, where McNemar's test over pooled (seed, item) pairs took the same item in three seeds "
-    "for three independent pairs. An interval marked *borderline* has an end whose 99% Monte Carlo band "
+    f"for three independent pairs. An interval marked *borderline* has an end whose {MC_LEVEL:.0%} Monte Carlo band "
     "(another bootstrap seed moves the end within it) holds 0. "
     "*Detectable*: the smallest true difference this comparison detects with 80% power at alpha 0.05, "
     "2.80 x the seed-aware standard error (the s.d. of the resampled differences; normal approximation). "
