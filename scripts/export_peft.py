@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -32,6 +33,7 @@ from mosld.adapters.static import average_gates, normalised_entropy
 from mosld.data.datamodule import MultiTaskDataModule, TrainCollator
 from mosld.data.tasks import seeded_sample
 from mosld.evaluation import evaluate
+from mosld.experiments.stats import compare
 from mosld.models import is_embedded, load_base_model, resolve_model_path
 
 GATE_SAMPLE_SEED = 0  # the gate sample is the same whatever the run's seed
@@ -123,8 +125,11 @@ def accuracy_table(rows: list[dict], mixture_entropy: float) -> str:
     return "\n".join(lines)
 
 
-def measure(model, data: MultiTaskDataModule, gates: dict[str, dict], limit: int, data_dir: str | None) -> list[dict]:
-    """Test accuracy per task: routed, with the task's fixed gates, with the mixture's fixed gates."""
+def measure(
+    model, data: MultiTaskDataModule, gates: dict[str, dict], limit: int, data_dir: str | None, generation: dict | None
+) -> tuple[list[dict], dict[str, dict]]:
+    """Test accuracy per task: routed, with the task's fixed gates, with the mixture's fixed gates; and the paired
+    comparisons of routed against each kind of fixed gates (``paired``)."""
     common = {
         "split": "test",
         "data_dir": data.data_dir if data_dir is None else data_dir,
@@ -132,25 +137,30 @@ def measure(model, data: MultiTaskDataModule, gates: dict[str, dict], limit: int
         "batch_size": data.eval_batch_size,
         "max_length": data.max_length,
         "templates": dict(zip(data.task_names, data.templates, strict=True)),
+        "generation": generation,
         "verbose": True,
+        "item_scores": True,
     }
-    results, items = {}, {}
+    results, items, scores = {}, {}, {}
     for setting, setting_gates in (("routed", None), ("mixture_gates", gates[MIXTURE])):
         started = time.perf_counter()
         set_static_gates(model, setting_gates)
         result = evaluate(model, data.tokenizer, data.tasks, **common)
         results[setting] = result["accuracy"]
+        scores[setting] = result["item_scores"]
         items = {name: metrics["num_items"] for name, metrics in result["metrics"].items()}
         print(f"[{setting}: {time.perf_counter() - started:.0f} s]", flush=True)
-    results["task_gates"] = {}
+    results["task_gates"], scores["task_gates"] = {}, {}
     started = time.perf_counter()
     for task, name in zip(data.tasks, data.task_names, strict=True):
         if name in gates:
             set_static_gates(model, gates[name])
-            results["task_gates"].update(evaluate(model, data.tokenizer, [task], **common)["accuracy"])
+            result = evaluate(model, data.tokenizer, [task], **common)
+            results["task_gates"].update(result["accuracy"])
+            scores["task_gates"].update(result["item_scores"])
     print(f"[task_gates: {time.perf_counter() - started:.0f} s]", flush=True)
     set_static_gates(model, None)
-    return [
+    rows = [
         {
             "task": name,
             "items": items[name],
@@ -161,6 +171,28 @@ def measure(model, data: MultiTaskDataModule, gates: dict[str, dict], limit: int
         }
         for name in data.task_names
     ]
+    return rows, {fixed: paired(scores["routed"], scores[fixed]) for fixed in ("task_gates", "mixture_gates")}
+
+
+def paired(routed: dict[str, list[float]], fixed: dict[str, list[float]]) -> dict:
+    """Routed minus fixed gates in macro-average accuracy over the tasks both have, item by item: the difference
+    in points, its 95% bootstrap interval over the items, the bootstrap p-value and the verdict
+    (``mosld.experiments.stats.compare``, as the results pages draw theirs)."""
+    tasks = [t for t in routed if t in fixed]
+    a, b = ({t: np.asarray([x[t]], dtype=float) for t in tasks} for x in (routed, fixed))
+    result = compare(a, b)
+    return {"tasks": len(tasks), "items": sum(len(routed[t]) for t in tasks), "diff": 100 * result.diff,
+            "low": 100 * result.seeds[0], "high": 100 * result.seeds[1], "p": result.p, "verdict": result.verdict(),
+            "resamples": result.resamples}  # fmt: skip
+
+
+def paired_lines(comparisons: dict[str, dict]) -> str:
+    names = {"task_gates": "per-task gates", "mixture_gates": "mixture gates"}
+    return "\n".join(
+        f"routed - {names[k]}: {c['diff']:+.2f} points [{c['low']:+.2f}, {c['high']:+.2f}] (95%, paired over "
+        f"{c['items']} items of {c['tasks']} tasks), bootstrap p = {c['p']:.3f}: the difference {c['verdict']}"
+        for k, c in comparisons.items()
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,11 +251,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")  # kept if the evaluation is cut short
     if args.eval_limit:
-        rows = measure(model, data, gates, args.eval_limit, args.data_dir)
-        summary["accuracy"] = rows
+        rows, comparisons = measure(model, data, gates, args.eval_limit, args.data_dir, data_args.get("generation"))
+        summary["accuracy"], summary["paired"] = rows, comparisons
         command = "python scripts/export_peft.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         print(f"\n`{command}` (test split, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s)\n")
         print(accuracy_table(rows, normalised_entropy(gates[MIXTURE])))
+        print("\n" + paired_lines(comparisons))
         (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -200,6 +200,12 @@ def test_evaluate_decodes_generation_tasks_beside_multiple_choice(tiny_model, to
     assert result["macro"]["exact_match"] == qa["exact_match"]
     assert result["macro"]["accuracy_norm"] == mc_only["macro"]["accuracy_norm"]
     assert "headlines" not in mc_only  # multiple choice alone: the result as before
+    assert "item_scores" not in result
+    per_item = evaluate(tiny_model, tokenizer, [EXAMPLE_TASK, str(folder)], limit=5, batch_size=2, item_scores=True,
+                        generation={"qa": {"max_new_tokens": 3, "metric": "exact_match"}})  # fmt: skip
+    assert per_item["item_scores"]["qa"] == [float(t == r["response"]) for t, r in zip(texts, rows, strict=True)]
+    mc = per_item["item_scores"]["example_task"]
+    assert len(mc) == 5 and set(mc) <= {0.0, 1.0} and sum(mc) / 5 == pytest.approx(result["accuracy"]["example_task"])
 
 
 def test_empty_split_is_an_error(tiny_model, tokenizer, tmp_path):

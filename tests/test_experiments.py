@@ -275,6 +275,18 @@ def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsy
     ids = [{json.loads(x)["item"] for x in (results / r / "predictions.jsonl").read_text().splitlines()}
            for r in ("lora-mixture-seed0", "mosld-mixture-seed0", "zero_shot")]  # fmt: skip
     assert ids[0] == ids[1] == ids[2]
+    # a run folder rebuilt from the record: the fit's configuration and the kept adapter, for tools taking --run
+    restored = tmp_path / "restored"
+    assert experiments_main(["restore", str(path), "mosld-mixture-seed0", *args, "--out", str(restored)]) == 0
+    fit_config = yaml.safe_load((work / "mosld-mixture-seed0" / "fit" / "config.yaml").read_text())
+    config = yaml.safe_load((restored / "config.yaml").read_text())
+    assert config["model"] == fit_config["model"] and config["data"] == fit_config["data"]
+    assert config["seed_everything"] == 0 and config["trainer"]["max_steps"] == 4
+    kept = results / "mosld-mixture-seed0" / "adapter"
+    assert all((restored / "adapter" / f.name).read_bytes() == f.read_bytes() for f in kept.iterdir())
+    assert experiments_main(["restore", str(path), "mosld-mixture-seed0", *args, "--out", str(restored)]) == 2
+    assert experiments_main(["restore", str(path), "mosld-mixture-seed7", *args, "--out", str(tmp_path / "x")]) == 2
+    assert "not a run of" in capsys.readouterr().err
     # a second sweep finds everything recorded and runs nothing
     capsys.readouterr()
     assert experiments_main(["sweep", str(path), *args, "--work-dir", str(work)]) == 0

@@ -225,7 +225,13 @@ def test_export_command_writes_one_adapter_per_task_and_the_mixture(tiny_model_d
     assert recorded["train_items"] == 6 and set(recorded["adapters"]) == {"example_task", "mixture"}
     # one task: the mixture's gates are that task's
     assert recorded["adapters"]["mixture"]["gates"] == recorded["adapters"]["example_task"]["gates"]
-    assert "| example_task | 4 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| example_task | 4 |" in printed and "routed - per-task gates:" in printed
+    row = recorded["accuracy"][0]
+    for fixed in ("task_gates", "mixture_gates"):  # paired item by item: the interval holds the difference
+        paired = recorded["paired"][fixed]
+        assert paired["items"] == 4 and paired["low"] <= paired["diff"] <= paired["high"]
+        assert paired["diff"] == pytest.approx(100 * (row["routed"] - row[fixed]))
     with pytest.raises(SystemExit):  # the output exists now: refused
         script.main([str(run)])
     assert "exists and is not empty" in capsys.readouterr().err

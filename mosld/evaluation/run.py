@@ -84,6 +84,7 @@ def evaluate(
     share_prompt: bool | None = None,
     generation: dict[str, dict[str, Any]] | None = None,
     verbose: bool = False,
+    item_scores: bool = False,
 ) -> dict[str, Any]:
     """Zero-shot (or fine-tuned) accuracy of a causal LM on multiple-choice and generation tasks, without Lightning.
 
@@ -114,6 +115,8 @@ def evaluate(
         generation: Per generation task name, ``GenerationSpec`` fields overriding the task's defaults
             (e.g. ``{"my_task": {"metric": "token_f1", "max_new_tokens": 64}}``), as ``--data.generation``.
         verbose: Print one line per task as it finishes.
+        item_scores: Also return each item's headline score, for paired comparisons of two models (or two
+            settings of one) on the same items.
 
     Returns:
         ``{"accuracy": {task: headline accuracy}, "macro_accuracy": float, "metrics": {task: {"accuracy_sum",
@@ -122,6 +125,8 @@ def evaluate(
         A generation task's metrics are ``{metric: mean score, "num_items", "seconds"}``, its accuracy the
         mean score; with any generation task the result also has ``"headlines": {task: metric}``, and
         ``macro_accuracy`` is the mean of the tasks' headlines (``macro``: each variant over the tasks having it).
+        With ``item_scores``, ``"item_scores": {task: [score per item]}`` in the data module's item order (0/1 for
+        multiple choice, the metric's score in [0, 1] for generation); their mean is the task's accuracy.
     """
     if method not in ("loglik", "generate"):
         raise ValueError(f"method: expected 'loglik' or 'generate', got {method!r}")
@@ -135,6 +140,7 @@ def evaluate(
     sums = new_sums(len(names))
     metric_names: dict[int, str] = {}  # task -> its metric: a generation task's, or accuracy_generate
     seconds: dict[int, float] = {}
+    per_item: dict[int, list[float]] = {task: [] for task in range(len(names))}
     was_training = model.training
     model.eval()
     try:
@@ -142,11 +148,15 @@ def evaluate(
             started = time.perf_counter()
             if datamodule.generation_spec(task) is None and method == "generate":
                 metric_names[task] = GENERATE_HEADLINE
-                add_generation(sums, task, _generated_choices_correct(model, datamodule, task, split, max_new_tokens))
+                correct = _generated_choices_correct(model, datamodule, task, split, max_new_tokens)
+                add_generation(sums, task, correct)
+                per_item[task] += correct.tolist()
             else:
                 with torch.inference_mode():
                     for batch in datamodule.eval_dataloader(task, split):
-                        _, metric = eval_step(model, batch, tokenizer, sums, task, share)
+                        outputs, metric = eval_step(model, batch, tokenizer, sums, task, share)
+                        # "correct" is the headline scoring's (HEADLINE) per-item result
+                        per_item[task] += outputs["correct" if metric is None else "score"].double().tolist()
                         if metric is not None:
                             metric_names[task] = metric
             seconds[task] = time.perf_counter() - started
@@ -169,6 +179,8 @@ def evaluate(
             macro[variant] = sum(values) / len(values)
     result = {"accuracy": accuracy, "macro_accuracy": sum(accuracy.values()) / len(accuracy), "metrics": metrics,
               "macro": macro, "headline": headline}  # fmt: skip
+    if item_scores:
+        result["item_scores"] = {names[task]: scores for task, scores in per_item.items()}
     return result | ({"headlines": headlines} if generation_metric else {}) | {"split": split}
 
 

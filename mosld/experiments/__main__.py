@@ -5,6 +5,7 @@ python -m mosld.experiments sweep configs/experiments/cpu_single.yaml --launcher
 python -m mosld.experiments sweep configs/experiments/paper.yaml --launcher slurm --jobs 8 --partition gpu --gpus-per-job 1
 python -m mosld.experiments aggregate configs/experiments/cpu.yaml [--out docs/results.md]
 python -m mosld.experiments compare lightning_logs/version_0 lightning_logs/version_1 [--stage val]
+python -m mosld.experiments restore configs/experiments/cpu_babi.yaml mosld-mixture-seed0 --out runs/babi-mosld
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--stage", default="val", choices=("val", "test"), help="<stage>_predictions.jsonl to read")
     cmp.add_argument("--scoring", default="correct", choices=SCORINGS, help="correct: the headline scoring")
     cmp.add_argument("--json", type=Path, help="also write the figures to this file")
+    restore = commands.add_parser("restore", help="a run folder (config.yaml, adapter/) from a record's kept adapter")
+    restore.add_argument("protocol", help="a protocol file, e.g. configs/experiments/cpu_babi.yaml")
+    restore.add_argument("run", help="the run's name, e.g. mosld-mixture-seed0")
+    restore.add_argument("--out", type=Path, required=True, help="the new run folder (must not exist or be empty)")
+    restore.add_argument("--results-dir", type=Path, help="default: the protocol's results folder")
     args = parser.parse_args(argv)
     try:
         if args.command == "compare":
@@ -80,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             aggregate(results_dir, out, expected_runs=[run.name for run in protocol.runs()], test_tasks=test_tasks,
                       compare_with=others)  # fmt: skip
             print(f"wrote {out}")
+            return 0
+        if args.command == "restore":
+            named = [run for run in protocol.runs() if run.name == args.run]
+            if not named:
+                raise ValueError(f"restore: {args.run!r} is not a run of {args.protocol} "
+                                 f"(its runs: {', '.join(run.name for run in protocol.runs())})")  # fmt: skip
+            out = Sweep(protocol, results_dir).restore(named[0], args.out)
+            print(f"wrote {out}/config.yaml and {out}/adapter")
             return 0
         runs = protocol.runs(parse_only(args.only))
         if args.dry_run:

@@ -257,6 +257,29 @@ class Sweep:
             raise SweepError(f"{args[0]} failed (exit {done.returncode}); log {log_path}:\n{tail}")
         return time.perf_counter() - start
 
+    def restore(self, run: Run, out: Path) -> Path:
+        """Rebuild a finished run's folder from its record: ``out/config.yaml`` (the fit's configuration, resolved
+        from the protocol as the sweep resolves it) and ``out/adapter`` (the record's kept adapter), so that the
+        tools that take a run folder (``mosld.serve --run``, ``scripts/export_peft.py``) work on a kept adapter
+        after the sweep's work folder is gone. Returns ``out``."""
+        record = self.results_dir / run.name
+        if not (record / "metrics.json").is_file():
+            raise SweepError(f"{record}: no record (metrics.json) for run {run.name}")
+        if run.setting != "mixture":
+            raise SweepError(f"{run.name}: only a mixture run is one run folder (a single-setting run is one per task)")
+        if not (record / "adapter" / "adapter_config.json").is_file():
+            raise SweepError(f"{record}: the record kept no adapter (the protocol's commit_adapters lists its seeds)")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SweepError(f"{out}: exists and is not empty; choose a new folder")
+        config = resolved_config("fit", [*self.base_args, *self._run_args(run)])
+        recorded = json.loads((record / "metrics.json").read_text()).get("code")
+        if recorded and recorded != self.commit:  # the configuration is today's reading of the protocol
+            self.log(f"note: {run.name} was recorded at code {recorded}; its config is resolved at {self.commit}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        shutil.copytree(record / "adapter", out / "adapter")
+        return out
+
     # ------------------------------------------------------------------ records
     def _write_record(self, record: Path, run: Run, parts: list[tuple[Path | None, Path, dict]]) -> None:
         """Collect a run's (fit folder or None, test folder, timings) into its record, atomically."""
