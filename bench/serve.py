@@ -3,10 +3,13 @@
 
 Each variant is one server process, started in turn (never two at once, so that they do not share the CPU or
 GPU); for each concurrency, every client sends ``--requests`` streamed chat requests one after the other (greedy,
-``--max-tokens``, the same prompts in the same order for every variant) with the official ``openai`` client.
+the same prompts in the same order for every variant) with the official ``openai`` client. Every answer is
+``--max-tokens`` long (``ignore_eos``: the variants would otherwise decode answers of different lengths, a
+fine-tuned adapter's short answers against the base's long ones); ``--natural-length`` lets them end at EOS.
 Measured per request: time to first token (the first chunk with text), time to the last chunk, output tokens
-(the server's usage count); per concurrency: output tokens/s over the level's wall time. The table gives each
-figure and its ratio to the bare base at the same concurrency. A warm-up request per server is not counted.
+(the server's usage count), time per token after the first; per concurrency: output tokens/s over the level's
+wall time. The table gives each figure and its ratio to the bare base at the same concurrency. A warm-up
+request per server is not counted.
 
     python -m bench.serve --run lightning_logs/version_0 --out bench/results/serve-cpu
     python -m bench.serve --run RUN --peft RUN/peft/mixture --clients 1,4,16 --requests 4 --max-tokens 64
@@ -81,13 +84,13 @@ def start_server(args: list[str], threads: int | None, log: Path) -> tuple[subpr
     return process, url
 
 
-def one_request(client, prompt: str, max_tokens: int) -> dict[str, float]:
+def one_request(client, prompt: str, max_tokens: int, fixed_length: bool) -> dict[str, float]:
     started = time.perf_counter()
     first = None
     tokens = 0
     stream = client.chat.completions.create(
         model="mosld", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True},
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": fixed_length},
     )  # fmt: skip
     for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -95,7 +98,9 @@ def one_request(client, prompt: str, max_tokens: int) -> dict[str, float]:
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     done = time.perf_counter()
-    return {"ttft": (first or done) - started, "seconds": done - started, "tokens": tokens}
+    first = first or done
+    per_token = (done - first) / (tokens - 1) if tokens > 1 else None  # after the first: the decoding steps
+    return {"ttft": first - started, "seconds": done - started, "tokens": tokens, "per_token": per_token}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,13 +108,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def measure(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+def measure(url: str, clients: int, requests: int, max_tokens: int, fixed_length: bool) -> dict[str, float]:
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
 
     def run_client(c: int) -> list[dict[str, float]]:
-        return [one_request(client, PROMPTS[(c * requests + r) % len(PROMPTS)], max_tokens) for r in range(requests)]
+        prompts = [PROMPTS[(c * requests + r) % len(PROMPTS)] for r in range(requests)]
+        return [one_request(client, prompt, max_tokens, fixed_length) for prompt in prompts]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -125,23 +131,29 @@ def measure(url: str, clients: int, requests: int, max_tokens: int) -> dict[str,
         "ttft_p95_s": percentile([r["ttft"] for r in rows], 0.95),
         "request_median_s": statistics.median(r["seconds"] for r in rows),
         "request_p95_s": percentile([r["seconds"] for r in rows], 0.95),
+        "per_token_median_ms": 1000 * statistics.median(r["per_token"] for r in rows if r["per_token"] is not None)
+        if any(r["per_token"] is not None for r in rows)
+        else None,
     }
 
 
 def table(results: dict[str, list[dict]]) -> str:
     base = {row["clients"]: row for row in results.get("base", [])}
     lines = [
-        "| variant | clients | output tok/s | x base | TTFT median (s) | TTFT p95 (s) | request median (s) | x base |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | clients | output tokens / request | output tok/s | x base | TTFT median (s) | TTFT p95 (s) "
+        "| ms / token after the first (median) | request median (s) | x base |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant, rows in results.items():
         for row in rows:
             ref = base.get(row["clients"])
             speed = f"{row['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
             latency = f"{row['request_median_s'] / ref['request_median_s']:.2f}" if ref else "-"
+            per_token = "-" if row["per_token_median_ms"] is None else f"{row['per_token_median_ms']:.0f}"
             lines.append(
-                f"| {variant} | {row['clients']} | {row['tokens_per_s']:.1f} | {speed} | {row['ttft_median_s']:.3f} "
-                f"| {row['ttft_p95_s']:.3f} | {row['request_median_s']:.2f} | {latency} |"
+                f"| {variant} | {row['clients']} | {row['output_tokens'] / row['requests']:.1f} "
+                f"| {row['tokens_per_s']:.1f} | {speed} | {row['ttft_median_s']:.3f} | {row['ttft_p95_s']:.3f} "
+                f"| {per_token} | {row['request_median_s']:.2f} | {latency} |"
             )
     return "\n".join(lines)
 
@@ -153,6 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", default="1,4,16", help="comma list of concurrencies")
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--natural-length",
+        action="store_true",
+        help="let answers end at EOS (default: every answer is --max-tokens long, ignore_eos, so that the "
+        "variants decode the same number of tokens)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each server")
     parser.add_argument("--serve-args", default="", help="more options for every server (e.g. '--device cuda')")
     parser.add_argument("--out", type=Path, default=None, help="folder for serve.json, serve.md and server logs")
@@ -172,10 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
     for variant, serve_args in variants.items():
         process, url = start_server(serve_args + extra, args.threads, out / f"{variant}.log")
         try:
-            measure(url, 1, 1, 4)  # warm-up: first calls allocate and pick kernels
+            measure(url, 1, 1, 4, True)  # warm-up: first calls allocate and pick kernels
             results[variant] = []
             for n in clients:
-                row = measure(url, n, args.requests, args.max_tokens)
+                row = measure(url, n, args.requests, args.max_tokens, not args.natural_length)
                 results[variant].append(row)
                 print(f"{variant} x{n}: {row['tokens_per_s']:.1f} tok/s, TTFT median {row['ttft_median_s']:.3f} s",
                       flush=True)  # fmt: skip
@@ -186,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(torch.device("cuda" if "cuda" in args.serve_args else "cpu")),
         "max_tokens": args.max_tokens,
+        "fixed_length": not args.natural_length,
         "requests_per_client": args.requests,
         "results": results,
     }

@@ -90,6 +90,17 @@ def test_eos_counts_as_a_token_but_is_not_text():
     assert texts == [TOKENIZER.decode(full[:3])] and reasons == ["stop"] and tokens == [4]
 
 
+def test_ignore_eos_decodes_the_whole_budget_past_an_eos():
+    model = build("bare")
+    full = reference_greedy(model, PROMPTS[2], 12)
+    model.generation_config.eos_token_id = [EOS, full[3]]  # the greedy path's 4th token is an EOS
+    texts, _, reasons, tokens = decode(model, [PROMPTS[2]], [DecodeOptions(12, ignore_eos=True)])
+    assert reasons == ["length"] and tokens == [12]
+    # the row goes on as if there were no EOS: its text is the 12 greedy tokens' (the token that is an EOS here
+    # is an ordinary character to the tokenizer, so it is in the text)
+    assert texts == [TOKENIZER.decode(reference_greedy(model, PROMPTS[2], 12, eos=()), skip_special_tokens=True)]
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="temperature"):
         DecodeOptions(4, temperature=-1)

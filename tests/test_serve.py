@@ -151,6 +151,11 @@ def test_stop_strings_cut_the_answer(client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == whole[: whole.index(stop)]
 
 
+def test_ignore_eos_answers_exactly_max_tokens(client):
+    answer = complete(client, PROMPTS[2], max_tokens=24, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 24 and answer.choices[0].finish_reason == "length"
+
+
 def test_seeded_sampling_repeats(client):
     first, second, other = (complete(client, PROMPTS[0], temperature=1.5, top_p=0.95, seed=s).choices[0].text
                             for s in (3, 3, 4))  # fmt: skip
@@ -222,6 +227,7 @@ BAD_REQUESTS = {
     "wrong role": ("/v1/chat/completions", {"model": "mosld", "messages": [{"role": "robot", "content": "x"}]}, 400),
     "max_tokens a string": ("/v1/completions", {"model": "mosld", "prompt": "x", "max_tokens": "8"}, 400),
     "stream a string": ("/v1/completions", {"model": "mosld", "prompt": "x", "stream": "yes"}, 400),
+    "ignore_eos a string": ("/v1/completions", {"model": "mosld", "prompt": "x", "ignore_eos": "yes"}, 400),
     "unknown model": ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404),
     "prompt over the context": ("/v1/completions", {"model": "mosld", "prompt": [17] * 600}, 400),
     "answer over the context": ("/v1/completions", {"model": "mosld", "prompt": [17] * 500, "max_tokens": 60}, 400),

@@ -49,6 +49,8 @@ class DecodeOptions:
         top_p: Nucleus sampling: sample among the most likely tokens whose probabilities first reach ``top_p``
             (1 keeps every token). Ignored when greedy.
         seed: Seed of the row's own random generator (sampling only); ``None`` draws one.
+        ignore_eos: Go on past an EOS (not part of the text) until ``max_new_tokens`` or a stop string: answers of
+            a fixed length, for measuring decoding speed (vLLM's option of the same name).
     """
 
     max_new_tokens: int
@@ -56,6 +58,7 @@ class DecodeOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
@@ -249,7 +252,7 @@ def decode_steps(
             if row.finish_reason is not None:
                 continue
             row.sampled += 1
-            if token in eos:
+            if token in eos and not row.options.ignore_eos:
                 row.finish_reason = "stop"
             else:
                 row.tokens.append(token)

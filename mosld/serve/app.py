@@ -64,7 +64,8 @@ class Server:
             raise RequestError(400, f"max_tokens: the prompt ({len(prompt)} tokens) and {requested} new tokens "
                                f"exceed this model's context of {self.context_length} tokens", "max_tokens",
                                "context_length_exceeded")  # fmt: skip
-        return DecodeOptions(requested, request.stop_strings(), request.temperature, request.top_p, request.seed)
+        return DecodeOptions(requested, request.stop_strings(), request.temperature, request.top_p, request.seed,
+                             request.ignore_eos)  # fmt: skip
 
     def chat_prompt(self, request: ChatRequest) -> list[int]:
         tokenizer = self.engine.tokenizer

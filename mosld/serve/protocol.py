@@ -42,6 +42,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: answers of exactly max_tokens, for benchmarks
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
