@@ -170,6 +170,9 @@ class MoSLDModule(L.LightningModule):
         warmup_steps = int(round(warmup * total)) if warmup < 1 else int(warmup)
         schedule = self.hparams.lr_schedule
 
+        # By hand, not transformers.get_scheduler: its warm-up is step / warmup (the first step runs at rate 0,
+        # ours at 1 / (warmup + 1)) and its cosine rises again past the end; torch's chained schedulers
+        # compute rates recursively, and on_train_start needs the closed form (lr_lambdas) to re-plan a resume.
         def factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / (warmup_steps + 1)
