@@ -235,6 +235,7 @@ class GenerationCollator:
 
     def __call__(self, batch: Sequence[tuple[GenerationItem, int, str]]) -> dict:
         prompts = [item.prompt for item, _, _ in batch]
+        # By hand: left_pad is a floor above (evaluation), and eval_loader passes a pad id, no tokenizer to pad with
         width = max(len(p) for p in prompts)
         return {
             "input_ids": torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long),
