@@ -237,6 +237,8 @@ class MoSLDModule(L.LightningModule):
         """Per-task metrics reduced over all ranks (``mosld.evaluation.sums.eval_metrics``): multiple-choice
         accuracy under each scoring with its 95% interval and the answer-token loss, a generation task's metric
         with its interval; keys are identical on every rank."""
+        # Not torchmetrics' SumMetric: it sums to one float32 scalar, where each sum is a float64 vector over tasks
+        # that mosld.evaluate (no Lightning) fills too; the strategy's reduce syncs it in one call.
         sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._sums.items()}
         return eval_metrics(stage, self._task_names(), sums, self.generation_metrics())
 
