@@ -153,6 +153,7 @@ def write_results(results: dict, out: Path) -> Path:
 
 
 def _limit(text: str) -> int | float:
+    # By hand: a count or a fraction in one option of a plain argparse parser (no jsonargparse type says that)
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive count or fraction, got {text}")

@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> Plan:
         options = read_options(overrides)
         batch = args.batch or options["data"]["batch_size"]
         seq = args.seq or options["data"]["max_length"]
-        if batch < 1 or seq < 1:
+        if batch < 1 or seq < 1:  # by hand: --batch and --seq are plain argparse options
             raise ValueError(f"--batch and --seq: expected integers >= 1, got {batch} and {seq}")
         result, described = plan_from_options(options, batch, seq, args.answer_tokens, args.model_config)
     except (ValueError, TypeError) as err:

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.train_items < 1:
+    if args.train_items < 1:  # by hand: plain argparse, where type=PositiveInt would not say what is expected
         parser.error(f"--train-items: expected a positive number, got {args.train_items}")
     if args.verify and importlib.util.find_spec("peft") is None:
         parser.error("--verify loads the exports with peft, which is not installed (pip install peft)")

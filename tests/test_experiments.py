@@ -37,6 +37,26 @@ def test_exact_mcnemar_matches_the_binomial_tail():
     assert mcnemar_exact(a, a)[2] == 1.0
 
 
+# (smaller count k, discordant pairs n): none at all, none one way, balanced splits, odd n, and n large enough
+# that 2**n is no float
+BINOMIAL_CASES = [(0, 0), (0, 1), (0, 2), (1, 2), (0, 5), (2, 5), (2, 12), (3, 6), (7, 15), (40, 100),
+                  (470, 1000), (1000, 2001), (4900, 10_000)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("k", "n"), BINOMIAL_CASES)
+def test_binomial_two_sided_is_the_exact_tail_correctly_rounded(k, n):
+    from fractions import Fraction
+
+    exact = min(Fraction(1), Fraction(2 * sum(math.comb(n, i) for i in range(k + 1)), 2**n))
+    assert binomial_two_sided(k, n) == float(exact)  # to the last bit
+
+
+@pytest.mark.parametrize(("k", "n"), [(k, n) for k, n in BINOMIAL_CASES if n > 0])
+def test_binomial_two_sided_agrees_with_scipys_binomtest(k, n):
+    stats = pytest.importorskip("scipy.stats")  # not a dependency: only the dev extras bring it
+    assert binomial_two_sided(k, n) == pytest.approx(stats.binomtest(k, n, 0.5).pvalue, rel=1e-12, abs=0)
+
+
 def test_paired_bootstrap_of_identical_and_shifted_methods():
     rng = np.random.default_rng(1)
     a = {"x": rng.integers(0, 2, (3, 200)).astype(float), "y": rng.integers(0, 2, (3, 100)).astype(float)}

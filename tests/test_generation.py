@@ -8,6 +8,7 @@ from helpers import ALL_METHODS, adapted, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 import mosld
+from mosld.data.generation import GenerationCollator, GenerationItem, GenerationSpec
 from mosld.evaluation import generate_batch
 from mosld.evaluation.generation_scoring import cut_at_stop, generate_items, left_pad
 
@@ -152,3 +153,22 @@ def test_cut_at_stop():
     assert cut_at_stop("ab\ncd.ef", ("\n",)) == "ab"
     assert cut_at_stop("ab\ncd.ef", (".", "\n")) == "ab"
     assert cut_at_stop("abc", ()) == "abc"
+
+
+def test_left_pad_is_the_tokenizers_left_padding_and_the_generation_collators(tokenizer):
+    """left_pad (token ids and a pad id, no tokenizer needed) pads as tokenizer.pad(padding_side="left") does, and
+    the data floor's GenerationCollator pads its prompts the same way."""
+    prompts = [[5, 17, 300], [9], [4, 4, 8, 15, 16], [7, 7, 7, 7, 7]]
+    ours = left_pad(prompts, tokenizer.pad_token_id)
+    theirs = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+    ids = [[tokenizer.pad_token_id] * (5 - len(p)) + p for p in prompts]
+    mask = [[0] * (5 - len(p)) + [1] * len(p) for p in prompts]
+    assert ours["input_ids"].tolist() == theirs["input_ids"].tolist() == ids
+    assert ours["attention_mask"].tolist() == theirs["attention_mask"].tolist() == mask
+    assert ours["input_ids"].dtype == ours["attention_mask"].dtype == torch.long
+    items = [(GenerationItem(p, [], []), 0, str(i)) for i, p in enumerate(prompts)]
+    collated = GenerationCollator(tokenizer.pad_token_id, GenerationSpec())(items)
+    assert torch.equal(collated["input_ids"], ours["input_ids"])
+    assert torch.equal(collated["attention_mask"], ours["attention_mask"])
+    # the pad id is the caller's: serving pads with EOS where the tokenizer has none
+    assert left_pad([[3, 4], [5]], EOS)["input_ids"].tolist() == [[3, 4], [EOS, 5]]

@@ -84,6 +84,7 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
+        # By hand, not PositiveInt fields: configs also come from Python and from checkpoints' hyperparameters.
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r: expected an integer >= 1, got {self.r!r}")
         if not self.alpha > 0:

@@ -54,6 +54,7 @@ class GenerationSpec:
         if self.metric not in METRIC_NAMES:
             raise ValueError(f"metric {self.metric!r}: unknown; known metrics: {', '.join(METRIC_NAMES)}")
         tokens = self.max_new_tokens
+        # By hand: the fields come from task specs and the untyped data.generation dict, not a jsonargparse type
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
             raise ValueError(f"max_new_tokens: expected a positive integer, got {tokens!r}")
         stop = self.stop
@@ -235,6 +236,7 @@ class GenerationCollator:
 
     def __call__(self, batch: Sequence[tuple[GenerationItem, int, str]]) -> dict:
         prompts = [item.prompt for item, _, _ in batch]
+        # By hand: left_pad is a floor above (evaluation), and eval_loader passes a pad id, no tokenizer to pad with
         width = max(len(p) for p in prompts)
         return {
             "input_ids": torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long),

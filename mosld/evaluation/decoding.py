@@ -135,6 +135,8 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) ->
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
     """``input_ids`` and ``attention_mask`` (batch, longest prompt) with the prompts left-padded."""
+    # Not tokenizer.pad(padding_side="left"): callers hold token ids and a pad id, not always a tokenizer, and
+    # serving and generate_items pad with EOS where the tokenizer has no pad token (tokenizer.pad would refuse).
     width = max((len(p) for p in prompts), default=0)
     return {
         "input_ids": torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long),

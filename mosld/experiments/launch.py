@@ -95,7 +95,7 @@ def launch(
     """
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
-    if jobs < 1 or time_min < 1:
+    if jobs < 1 or time_min < 1:  # by hand: a Python function the argparse command line calls
         raise ValueError(f"--jobs and --time: expected integers >= 1, got {jobs} and {time_min}")
     submitit = _submitit()
     sweep.results_dir, sweep.work_dir = sweep.results_dir.resolve(), sweep.work_dir.resolve()

@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # By hand: a plain argparse parser, where type=PositiveInt would say "invalid PositiveInt value: '0'"
     for option in ("max_tokens", "max_batch"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')}: expected a positive number, got {getattr(args, option)}")

@@ -211,6 +211,8 @@ def layer_expert_grid(loads: dict[str, torch.Tensor]) -> tuple[np.ndarray, list[
 class ParameterCountCallback(L.Callback):
     """Logs and prints trainable vs total parameters when fitting starts."""
 
+    # Not Lightning's ModelSummary: it prints a per-layer table and logs nothing; its totals are these counts.
+
     def on_fit_start(self, trainer, pl_module) -> None:
         trainable, total = pl_module.parameter_counts()
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -220,6 +222,8 @@ class ParameterCountCallback(L.Callback):
 
 class StepTimeProgressBar(TQDMProgressBar):
     """The usual progress bar plus the mean wall time of the last training steps (``step_ms``)."""
+
+    # Not Lightning's ThroughputMonitor: that logs rates to the loggers (new keys), never to the progress bar.
 
     def __init__(self, refresh_rate: int = 1, window: int = 20) -> None:
         super().__init__(refresh_rate=refresh_rate)

@@ -170,6 +170,9 @@ class MoSLDModule(L.LightningModule):
         warmup_steps = int(round(warmup * total)) if warmup < 1 else int(warmup)
         schedule = self.hparams.lr_schedule
 
+        # By hand, not transformers.get_scheduler: its warm-up is step / warmup (the first step runs at rate 0,
+        # ours at 1 / (warmup + 1)) and its cosine rises again past the end; torch's chained schedulers
+        # compute rates recursively, and on_train_start needs the closed form (lr_lambdas) to re-plan a resume.
         def factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / (warmup_steps + 1)
@@ -234,6 +237,8 @@ class MoSLDModule(L.LightningModule):
         """Per-task metrics reduced over all ranks (``mosld.evaluation.sums.eval_metrics``): multiple-choice
         accuracy under each scoring with its 95% interval and the answer-token loss, a generation task's metric
         with its interval; keys are identical on every rank."""
+        # Not torchmetrics' SumMetric: it sums to one float32 scalar, where each sum is a float64 vector over tasks
+        # that mosld.evaluate (no Lightning) fills too; the strategy's reduce syncs it in one call.
         sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._sums.items()}
         return eval_metrics(stage, self._task_names(), sums, self.generation_metrics())
 

@@ -127,6 +127,8 @@ class TrainRecord(L.Callback):
     padded positions they were batched into, so ``1 - tokens / positions`` is the padding fraction.
     """
 
+    # Not Lightning's ThroughputMonitor: rank 0's clock from train start, not real tokens of all ranks, no resume.
+
     def __init__(self) -> None:
         self.loss: list[tuple[int, float]] = []
         self.tokens = self.positions = 0
