@@ -1,7 +1,7 @@
 """Parity of mosld's multiple-choice scorer with lm-evaluation-harness's, item by item, on the embedded model.
 
 The same items (mosld's seeded evaluation sample of each task's test split) and the same prompts
-(``mosld.harness_tasks`` writes mosld's rendered prompts into the harness's task files) are scored by
+(``mosld.tools.harness_tasks`` writes mosld's rendered prompts into the harness's task files) are scored by
 ``mosld.evaluation.score_batch`` and by the harness's ``HFLM`` wrapping the same model object. Per item it
 compares the chosen answer under the summed log-likelihood (mosld ``accuracy_sum`` / harness ``acc``) and the
 length-normalised one (mosld ``accuracy_norm`` / harness ``acc_norm``), and classifies each disagreement:
@@ -31,9 +31,9 @@ from mosld.data.datamodule import eval_loader
 from mosld.data.prompts import FAMILY_TEMPLATES, encode_examples, get_template
 from mosld.data.tasks import EVAL_SAMPLE_SEED, load_task, seeded_sample, task_family
 from mosld.evaluation import score_batch, supports_prompt_sharing
-from mosld.harness import harness_lm, run_harness
-from mosld.harness_tasks import export_task
 from mosld.models import load_base_model, load_tokenizer
+from mosld.tools.harness import harness_lm, run_harness
+from mosld.tools.harness_tasks import export_task
 
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa")
 TIE = 1e-3  # log-likelihood gaps below this are float rounding between two forward passes, not a real preference

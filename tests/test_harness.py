@@ -15,9 +15,9 @@ from mosld.data.datamodule import eval_loader
 from mosld.data.prompts import FAMILY_TEMPLATES, encode_examples, get_template
 from mosld.data.tasks import load_task, task_family
 from mosld.evaluation import score_batch
-from mosld.harness import harness_lm, load_model, main, run_harness, spec_from_adapter, spec_from_run
-from mosld.harness_tasks import export_task, harness_row
 from mosld.models import load_base_model, load_tokenizer
+from mosld.tools.harness import harness_lm, load_model, main, run_harness, spec_from_adapter, spec_from_run
+from mosld.tools.harness_tasks import export_task, harness_row
 
 pytest.importorskip("lm_eval")
 

@@ -3,15 +3,15 @@
 The base model is loaded, the adapter injected with ``mosld.load_adapter`` (routers and all experts: nothing
 is collapsed to fixed gates), and the model object handed to the harness's ``HFLM``. The harness's options
 pass through: tasks, few-shot, limit, batch size, ``--include_path`` (local task YAMLs; see
-``mosld.harness_tasks`` for mosld's own tasks), output path, sample logging. Needs the optional extra
+``mosld.tools.harness_tasks`` for mosld's own tasks), output path, sample logging. Needs the optional extra
 ``pip install -e ".[harness]"``. Offline, give the harness local tasks (``dataset_path: json``) and set
 ``HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1``. How the harness's scores compare with mosld's: docs/harness.md.
 
 Examples::
 
-    python -m mosld.harness --run lightning_logs/version_0 --tasks arc_easy,mmlu --num_fewshot 0
-    python -m mosld.harness --adapter out/adapter --tasks my_task --include_path my_tasks --output_path out/eval
-    python -m mosld.harness --base embedded:smollm2-135m --tasks mosld_arc_easy --include_path harness_tasks
+    python -m mosld.tools.harness --run lightning_logs/version_0 --tasks arc_easy,mmlu --num_fewshot 0
+    python -m mosld.tools.harness --adapter out/adapter --tasks my_task --include_path my_tasks --output_path out/eval
+    python -m mosld.tools.harness --base embedded:smollm2-135m --tasks mosld_arc_easy --include_path harness_tasks
 """
 
 from __future__ import annotations
@@ -19,63 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ArgumentError
 
-from mosld.adapters.io import read_adapter_config
-from mosld.models import DTYPES, load_base_model, load_tokenizer
-from mosld.training.cli import read_config
+from mosld.models import DTYPES, load_tokenizer
+from mosld.training.run_folder import ModelSpec, load_model, spec_from_adapter, spec_from_run
 
 RESULTS_NAME = "results.json"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load: a base model, optionally with a mosld adapter folder."""
-
-    base: str
-    adapter: Path | None
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-
-
-def spec_from_run(run: str | Path) -> ModelSpec:
-    """The base model, dtype and adapter of a run folder (``lightning_logs/version_N``).
-
-    Its ``config.yaml`` is read by the training command line's own parser (``mosld.training.cli.read_config``):
-    what ``python main.py fit --config <it>`` would refuse is refused here with the same message.
-    """
-    run = Path(run)
-    config_file, adapter = run / "config.yaml", run / "adapter"
-    for path in (config_file, adapter / "adapter_config.json"):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"--run {run}: {path} not found; expected a finished run folder (lightning_logs/version_N holding "
-                "config.yaml and the adapter/ that fit writes at its end)"
-            )
-    try:
-        model = read_config(["--config", str(config_file)]).model
-    except ArgumentError as err:
-        raise ValueError(f"--run {run}: {config_file}: {err}") from None
-    return ModelSpec(
-        base=str(model.model_name_or_path),
-        adapter=adapter,
-        dtype=str(model.dtype),
-        trust_remote_code=bool(model.trust_remote_code),
-    )
-
-
-def spec_from_adapter(adapter: str | Path) -> ModelSpec:
-    """An adapter folder's base model, as its ``adapter_config.json`` records it."""
-    adapter = Path(adapter)
-    if not adapter.is_dir():
-        raise FileNotFoundError(f"--adapter {adapter}: not a folder (expected adapter_model.safetensors + config)")
-    base = read_adapter_config(adapter)["base_model"].get("name_or_path") or ""
-    return ModelSpec(base=base, adapter=adapter)  # the base's dtype is not recorded: float32 unless --dtype
 
 
 def resolve_spec(args: argparse.Namespace) -> ModelSpec:
@@ -94,16 +46,6 @@ def resolve_spec(args: argparse.Namespace) -> ModelSpec:
     if not base:
         raise ValueError(f"--adapter {args.adapter}: its config does not name the base model; give --base")
     return ModelSpec(base, spec.adapter, args.dtype or spec.dtype, args.trust_remote_code or spec.trust_remote_code)
-
-
-def load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
-    """The base model with its adapter injected and routed, in eval mode on ``device``."""
-    model = load_base_model(spec.base, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
-    if spec.adapter is not None:
-        from mosld.adapters.io import load_adapter
-
-        model = load_adapter(model, spec.adapter)
-    return model.to(device).eval()
 
 
 def harness_lm(model: torch.nn.Module, tokenizer: Any, batch_size: int | str = 1, max_length: int | None = None):
@@ -160,7 +102,7 @@ def _limit(text: str) -> int | float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mosld.harness", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mosld.tools.harness", description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model")
     model.add_argument("--run", help="run folder (lightning_logs/version_N): its base model, dtype and adapter/")
     model.add_argument("--adapter", help="adapter folder (adapter_model.safetensors + adapter_config.json)")
