@@ -10,7 +10,8 @@ length without that space, as mosld's ``accuracy_norm`` does (``EncodedItem.choi
 Example::
 
     python -m mosld.tools.harness_tasks --tasks arc_easy,openbookqa --limit 300 --out harness_tasks
-    python -m mosld.tools.harness --run lightning_logs/version_0 --include_path harness_tasks --tasks mosld_arc_easy
+    python -m mosld.tools.harness --model mosld --model_args run=lightning_logs/version_0 \\
+        --include_path harness_tasks --tasks mosld_arc_easy
 """
 
 from __future__ import annotations
