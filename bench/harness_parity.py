@@ -1,7 +1,7 @@
 """Parity of mosld's multiple-choice scorer with lm-evaluation-harness's, item by item, on the embedded model.
 
 The same items (mosld's seeded evaluation sample of each task's test split) and the same prompts
-(``mosld.harness_tasks`` writes mosld's rendered prompts into the harness's task files) are scored by
+(``mosld.tools.harness_tasks`` writes mosld's rendered prompts into the harness's task files) are scored by
 ``mosld.evaluation.score_batch`` and by the harness's ``HFLM`` wrapping the same model object. Per item it
 compares the chosen answer under the summed log-likelihood (mosld ``accuracy_sum`` / harness ``acc``) and the
 length-normalised one (mosld ``accuracy_norm`` / harness ``acc_norm``), and classifies each disagreement:
@@ -21,19 +21,20 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
 import mosld
 from mosld.data.datamodule import eval_loader
 from mosld.data.prompts import FAMILY_TEMPLATES, encode_examples, get_template
 from mosld.data.tasks import EVAL_SAMPLE_SEED, load_task, seeded_sample, task_family
 from mosld.evaluation import score_batch, supports_prompt_sharing
-from mosld.harness import harness_lm, run_harness
-from mosld.harness_tasks import export_task
 from mosld.models import load_base_model, load_tokenizer
+from mosld.tools.harness_tasks import export_task
 
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa")
 TIE = 1e-3  # log-likelihood gaps below this are float rounding between two forward passes, not a real preference
@@ -134,7 +135,7 @@ def main() -> None:
     if args.adapter:
         model = mosld.load_adapter(model, args.adapter).eval()
     tokenizer = load_tokenizer("embedded:smollm2-135m")
-    lm = harness_lm(model, tokenizer, batch_size=args.batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     report = {"limit": args.limit, "threads": torch.get_num_threads(), "adapter": args.adapter, "tasks": {}}
     with tempfile.TemporaryDirectory() as folder:
         for task in args.tasks.split(","):
@@ -143,12 +144,11 @@ def main() -> None:
             started = time.perf_counter()
             lls_m, toks_m = mosld_scores(model, tokenizer, task, args.limit, args.batch_size)
             seconds_m = time.perf_counter() - started
-            options = SimpleNamespace(
-                tasks=name, num_fewshot=0, limit=None, log_samples=True, include_path=[folder], bootstrap_iters=0,
-                apply_chat_template=False, gen_kwargs=None, seed=0,
-            )  # fmt: skip
             started = time.perf_counter()
-            results = run_harness(lm, options)
+            results = simple_evaluate(
+                model=lm, tasks=[name], num_fewshot=0, log_samples=True, bootstrap_iters=0,
+                task_manager=TaskManager(include_path=[folder]),
+            )  # fmt: skip
             seconds_h = time.perf_counter() - started
             result = compare(task, lls_m, toks_m, results["samples"][name], lm)
             result |= {"seconds_mosld": round(seconds_m, 1), "seconds_harness": round(seconds_h, 1)}

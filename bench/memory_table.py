@@ -173,8 +173,8 @@ def run_all(bases: list[str], args: argparse.Namespace) -> list[dict]:
 
 
 def predicted_peak(row: dict, args: argparse.Namespace) -> int:
-    """The planner's total (``mosld.memory``) for a measured configuration."""
-    from mosld.memory import plan_from_options
+    """The planner's total (``mosld.tools.memory``) for a measured configuration."""
+    from mosld.tools.memory import plan_from_options
 
     dtype, quantization = BASES[row["base"]]
     adapter = {"method": row["method"], "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}

@@ -17,9 +17,9 @@ from helpers import adapted
 
 from mosld.adapters import router_stats, set_router_stats
 from mosld.evaluation.sums import add_generation, add_multiple_choice, eval_metrics, new_sums
-from mosld.training.callbacks import RouterStatsCallback, eval_summary_text
+from mosld.training.callbacks import RouterStatsCallback
 from mosld.training.module import MoSLDModule
-from mosld.training.records import ItemPredictionWriter
+from mosld.training.records import ItemPredictionWriter, eval_summary_text
 
 
 # ---------------------------------------------------------------------------- router scalars

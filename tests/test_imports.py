@@ -89,3 +89,12 @@ def test_a_circle_broken_by_a_lazy_import_is_found(tmp_path):
     graph = import_graph(tmp_path, "pkg")
     assert graph["pkg.c"] == {"pkg.sub"} and graph["pkg.sub"] == {"pkg.sub.a"}
     assert cycles(graph) == [["pkg.sub.a", "pkg.sub.b"]]
+
+
+def test_the_library_does_not_import_the_command_line_tools():
+    # mosld.tools holds the command-line tools (memory planner, lm-eval bridge); a library module that imported
+    # one would pull in that tool's optional dependency (lm-eval) and make the tools a floor below the library.
+    graph = import_graph(REPO, "mosld")
+    tools = {name for name in graph if name == "mosld.tools" or name.startswith("mosld.tools.")}
+    assert {"mosld.tools.memory", "mosld.tools.harness", "mosld.tools.harness_tasks"} <= tools
+    assert {name: sorted(graph[name] & tools) for name in graph if name not in tools and graph[name] & tools} == {}

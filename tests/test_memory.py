@@ -1,4 +1,4 @@
-"""The memory planner (mosld.memory): weights, activations and quantized bytes against real tiny models."""
+"""The memory planner (mosld.tools.memory): weights, activations and quantized bytes against real tiny models."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM
 
 import mosld
 from bench.memory import SavedTensors
-from mosld.memory import (
+from mosld.models import load_base_model
+from mosld.quantization import QuantizationConfig
+from mosld.tools.memory import (
     KNOWN_ARCHITECTURES,
     _quantized_linears,
     main,
@@ -21,8 +23,6 @@ from mosld.memory import (
     saved_bytes,
     weight_bytes,
 )
-from mosld.models import load_base_model
-from mosld.quantization import QuantizationConfig
 
 ADAPTER = {"r": 4, "alpha": 8, "target_modules": ("q_proj", "v_proj", "up_proj")}
 

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# the row shapes and parsers live in formats.py; the names are kept here, where the rest of mosld imports them from
+# the row formats and generation parsers live in formats.py, the row shapes (Row, Example, GenerationExample) and
+# multiple-choice parsers in rows.py; their names are kept here too, where the rest of mosld imports them from
 from .formats import (
     CHAT,
     GENERATION,

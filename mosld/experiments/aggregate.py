@@ -18,19 +18,17 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .claims import PAPER_ORDERINGS, Claim, adjust, paper_averages, sentence
-from .metrics import headline, headline_metric, is_generation, item_score
-from .ood import (
+from .claims import METHOD_ORDER, NAMES, PAPER_ORDERINGS, Claim, adjust, paper_averages, sentence
+from .comparisons import (
     COMPARISON_HEADER,
     INTERVALS_NOTE,
-    METHOD_ORDER,
-    NAMES,
     against_base,
     comparison_rows,
     ood_claims,
     ood_section,
     ordering_claims,
 )
+from .metrics import headline, headline_metric, is_generation, item_score
 from .routing import routing_section
 from .settings import setting_claims, settings_section
 from .stats import ESCALATED, MC_LEVEL, RESAMPLES, Bootstrap, mean_sd

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..evaluation.sums import MC_SCORINGS
 from .metrics import is_binary, item_score
 from .stats import mcnemar_exact, paired_bootstrap
 
-SCORINGS = ("correct", "correct_sum", "correct_norm", "correct_token_norm")
+# A prediction row's per-item keys: ``correct`` (the headline scoring) and each scoring's own key.
+SCORINGS = ("correct", *(s.key for s in MC_SCORINGS))
 
 
 def read_predictions(run: Path, stage: str) -> dict[tuple[str, str], dict]:

@@ -11,10 +11,13 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..evaluation.sums import HEADLINE, MC_SCORINGS
+
 # Generation metrics in the order a task's headline is looked for (mosld.evaluation.metrics.METRICS's names).
 GENERATION_METRICS = ("exact_match", "set_match", "final_number", "token_f1", "squad_exact_match", "rouge_l")
-# Multiple-choice accuracy under the headline scoring (per character), the sum of log-likelihoods, and per token.
-MC_SCORINGS = ("acc", "acc_sum", "acc_token_norm")
+# A record's averaged multiple-choice accuracies, under their logged names: the headline scoring (per character,
+# logged as ``acc``), then the sum of log-likelihoods and per token (the headline's own ``acc_norm`` repeats ``acc``).
+RECORD_SCORINGS = ("acc", *(s.logged for s in MC_SCORINGS if s.result != HEADLINE))
 
 
 def headline_metric(task_metrics: Mapping[str, object]) -> str:
@@ -51,5 +54,5 @@ def record_average(tasks: Mapping[str, Mapping[str, float]], in_domain: Sequence
     """A record's ``average`` over its in-domain tasks: each multiple-choice scoring when every task is multiple
     choice (``acc``, ``acc_sum``, ``acc_token_norm``), else ``score``, the mean of the tasks' headlines."""
     if all("acc" in tasks[t] for t in in_domain):
-        return {s: sum(tasks[t][s] for t in in_domain) / len(in_domain) for s in MC_SCORINGS}
+        return {s: sum(tasks[t][s] for t in in_domain) / len(in_domain) for s in RECORD_SCORINGS}
     return {"score": sum(headline(tasks[t]) for t in in_domain) / len(in_domain)}

@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..plots import heatmap_panels
+from .claims import NAMES
 from .metrics import is_generation
-from .ood import NAMES
 
 
 def depth_quartiles(layer_indices: list[int], groups: int = 4) -> dict[int, int]:

@@ -9,8 +9,8 @@ the same seeded sample).
 
 from __future__ import annotations
 
-from .claims import Claim, interval, p_text, paper_difference, points
-from .ood import NAMES, Runs, common_seeds, correctness
+from .claims import NAMES, Claim, interval, p_text, paper_difference, points
+from .comparisons import Runs, common_seeds, correctness
 from .stats import Bootstrap, Comparison
 
 SETTINGS = ("mixture", "single")

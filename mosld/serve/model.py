@@ -21,9 +21,9 @@ from transformers import PreTrainedTokenizerBase
 
 from mosld.adapters.io import load_adapter
 from mosld.adapters.static import set_static_gates
-from mosld.harness import ModelSpec, spec_from_adapter, spec_from_run
 from mosld.models import load_base_model, load_tokenizer
 from mosld.quantization import QuantizationConfig
+from mosld.training.run_folder import ModelSpec, spec_from_adapter, spec_from_run
 
 # Lightning precision -> (autocast dtype, or None; dtype the model is cast to, or None)
 PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {

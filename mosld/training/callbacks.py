@@ -1,23 +1,25 @@
-"""Callbacks: router statistics, parameter counts, step time in the progress bar, adapter export,
-an end-of-run summary, and the prediction writer."""
+"""Callbacks that log and show a fit as it runs: router statistics (TensorBoard scalars, histograms and
+heat-maps, and each evaluation's expert load per task in ``<stage>_routing.json``), parameter counts, and the
+step time in the progress bar; and ``run_dir`` / ``json_safe``, which every callback that writes uses.
+
+The files a run leaves for later (adapter, evaluation summary, predictions, run record) are written by the
+callbacks of ``records.py``; those that stop or save a failing fit are in ``safety.py``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from ..adapters import adapter_layers, router_stats, save_adapter, set_router_stats
-from ..adapters.inject import clean_name
-from ..adapters.layer import is_adapter_parameter
+from ..adapters import adapter_layers, router_stats, set_router_stats
 from ..plots import heatmap_panels
 from ..router_scalars import router_scalars, short_layer_name
 
@@ -247,94 +249,3 @@ class StepTimeProgressBar(TQDMProgressBar):
         if self._times:
             metrics["step_ms"] = f"{1000 * sum(self._times) / len(self._times):.0f}"
         return metrics
-
-
-class AdapterExport(L.Callback):
-    """At the end of ``fit``, writes the trained adapter to ``<run dir>/adapter`` (rank 0 only).
-
-    Under FSDP the full adapter tensors are gathered first (a collective, so every rank calls it).
-    """
-
-    def __init__(self, dirname: str = "adapter") -> None:
-        self.dirname = dirname
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        state = trainer.strategy.lightning_module_state_dict()
-        folder = run_dir(trainer) / self.dirname
-        if trainer.is_global_zero:
-            # keys of the LightningModule: "model." + the HF model's names (+ wrapper components)
-            adapter = {clean_name(k).removeprefix("model."): v for k, v in state.items() if is_adapter_parameter(k)}
-            path = save_adapter(pl_module.base, folder, state_dict=adapter)
-            rank_zero_info(f"adapter exported to {path}")
-        trainer.strategy.barrier("adapter_export")
-
-
-class EvalSummary(L.Callback):
-    """Prints each validation's headline figures and writes them all to ``<run dir>/eval_metrics.json``,
-    so a run's before/after comparison is one file (rank 0 only)."""
-
-    def __init__(self) -> None:
-        self.history: list[dict] = []
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._record(trainer, pl_module, "val", run_dir(trainer))
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._record(trainer, pl_module, "test", run_dir(trainer))
-
-    @rank_zero_only
-    def _record(self, trainer, pl_module, stage: str, out: Path) -> None:
-        metrics = getattr(pl_module, "last_eval_metrics", None)
-        if not metrics:
-            return
-        when = "before training" if trainer.sanity_checking else f"step {trainer.global_step}"
-        self.history.append({"stage": stage, "step": trainer.global_step, "when": when, **metrics})
-        rank_zero_info(eval_summary_text(metrics, stage, when))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_metrics.json").write_text(json.dumps(json_safe(self.history), indent=2, allow_nan=False) + "\n")
-
-
-def natural_key(name: str) -> list:
-    """Sort key putting numbered names in numeric order (babi_qa2 before babi_qa10)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def eval_summary_text(metrics: dict[str, float], stage: str, when: str) -> str:
-    """The printed summary of one evaluation: the headline average(s), then each task's headline metric
-    (multiple choice: accuracy; generation: its metric) with its interval and item count."""
-    averages = [(name, metrics[f"{stage}/{name}"], metrics[f"{stage}/{name}_ci95"])
-                for name in ("score_avg", "acc_avg") if f"{stage}/{name}" in metrics]  # fmt: skip
-    head = [f"{name} {value:.3f} ± {ci:.3f}" for name, value, ci in averages]
-    if f"{stage}/answer_loss" in metrics:
-        head.append(f"answer_loss {metrics[f'{stage}/answer_loss']:.4f}")
-    lines = [f"{stage} ({when}): " + ", ".join(head)]
-    for t in sorted({k.split("/")[1] for k in metrics if k.count("/") == 2}, key=natural_key):
-        task = {k.split("/")[2]: v for k, v in metrics.items() if k.count("/") == 2 and k.split("/")[1] == t}
-        name = "acc" if "acc" in task else next(k for k in task if k != "items" and not k.endswith("_ci95"))
-        line = f"  {t:>16}: {name} {task[name]:.3f} ± {task[f'{name}_ci95']:.3f} (n={int(task['items'])})"
-        if "answer_loss" in task:
-            line += f", answer_loss {task['answer_loss']:.4f}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-class PredictionWriter(BasePredictionWriter):
-    """Writes ``predict`` results as JSONL: one line per question with the predicted choice and
-    every choice's scores (sum log-likelihood and length-normalised), or, for a generation task, the
-    generated text (and the references the question came with)."""
-
-    def __init__(self, output: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
-        self.output = output
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        folder = run_dir(trainer)
-        path = Path(self.output) if self.output else folder / "predictions.jsonl"
-        if trainer.world_size > 1:  # each rank holds every world_size-th question, from its rank on
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [row for batch in predictions for row in batch]
-        with path.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
-        print(f"{len(rows)} predictions written to {path}")

@@ -234,7 +234,7 @@ def read_config(args: list[str], subcommand: str = "fit"):
     """
     kwargs = cli_arguments([subcommand, *args])
     kwargs["parser_kwargs"] = {"exit_on_error": False, subcommand: {"exit_on_error": False}}
-    with warnings.catch_warnings():  # args given from Python beside a command line of their own (mosld.memory's)
+    with warnings.catch_warnings():  # args given from Python beside a command line of their own (mosld.tools.memory's)
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         return ConfigReader(**kwargs).config[subcommand]
 

@@ -1,10 +1,14 @@
-"""Callbacks that write a run's record for later analysis: every scored test item, and the training curve.
+"""Callbacks that write the files a run leaves for later analysis: the trained adapter, the evaluation summary,
+the predictions, every scored evaluation item, and the training record.
 
+``AdapterExport`` writes ``<run dir>/adapter/`` at the end of ``fit``; ``EvalSummary`` prints each evaluation
+and writes ``<run dir>/eval_metrics.json``; ``PredictionWriter`` writes ``predict``'s ``predictions.jsonl``.
 ``ItemPredictionWriter`` writes ``<run dir>/<stage>_predictions.jsonl`` (one line per scored item: task,
 stable item id, predicted and gold choice, whether each scoring got it right; for a generation task the
 generated text, the references and the score, ``correct`` being the score too); ``TrainRecord`` writes
 ``<run dir>/train_record.json`` (loss per step, tokens seen, padding, wall time, parameter counts,
-machine). Both write on rank 0 only, after gathering what the other ranks hold.
+machine). All but ``PredictionWriter`` write on rank 0 only (the last two after gathering what the other ranks
+hold); under DDP ``PredictionWriter`` writes one file per rank.
 """
 
 from __future__ import annotations
@@ -12,16 +16,112 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from .callbacks import run_dir
+from ..adapters import save_adapter
+from ..adapters.inject import clean_name
+from ..adapters.layer import is_adapter_parameter
+from .callbacks import json_safe, run_dir
 from .precision import cpu_bf16_support
+
+
+class AdapterExport(L.Callback):
+    """At the end of ``fit``, writes the trained adapter to ``<run dir>/adapter`` (rank 0 only).
+
+    Under FSDP the full adapter tensors are gathered first (a collective, so every rank calls it).
+    """
+
+    def __init__(self, dirname: str = "adapter") -> None:
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        state = trainer.strategy.lightning_module_state_dict()
+        folder = run_dir(trainer) / self.dirname
+        if trainer.is_global_zero:
+            # keys of the LightningModule: "model." + the HF model's names (+ wrapper components)
+            adapter = {clean_name(k).removeprefix("model."): v for k, v in state.items() if is_adapter_parameter(k)}
+            path = save_adapter(pl_module.base, folder, state_dict=adapter)
+            rank_zero_info(f"adapter exported to {path}")
+        trainer.strategy.barrier("adapter_export")
+
+
+class EvalSummary(L.Callback):
+    """Prints each validation's headline figures and writes them all to ``<run dir>/eval_metrics.json``,
+    so a run's before/after comparison is one file (rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "val", run_dir(trainer))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "test", run_dir(trainer))
+
+    @rank_zero_only
+    def _record(self, trainer, pl_module, stage: str, out: Path) -> None:
+        metrics = getattr(pl_module, "last_eval_metrics", None)
+        if not metrics:
+            return
+        when = "before training" if trainer.sanity_checking else f"step {trainer.global_step}"
+        self.history.append({"stage": stage, "step": trainer.global_step, "when": when, **metrics})
+        rank_zero_info(eval_summary_text(metrics, stage, when))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_metrics.json").write_text(json.dumps(json_safe(self.history), indent=2, allow_nan=False) + "\n")
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting numbered names in numeric order (babi_qa2 before babi_qa10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def eval_summary_text(metrics: dict[str, float], stage: str, when: str) -> str:
+    """The printed summary of one evaluation: the headline average(s), then each task's headline metric
+    (multiple choice: accuracy; generation: its metric) with its interval and item count."""
+    averages = [(name, metrics[f"{stage}/{name}"], metrics[f"{stage}/{name}_ci95"])
+                for name in ("score_avg", "acc_avg") if f"{stage}/{name}" in metrics]  # fmt: skip
+    head = [f"{name} {value:.3f} ± {ci:.3f}" for name, value, ci in averages]
+    if f"{stage}/answer_loss" in metrics:
+        head.append(f"answer_loss {metrics[f'{stage}/answer_loss']:.4f}")
+    lines = [f"{stage} ({when}): " + ", ".join(head)]
+    for t in sorted({k.split("/")[1] for k in metrics if k.count("/") == 2}, key=natural_key):
+        task = {k.split("/")[2]: v for k, v in metrics.items() if k.count("/") == 2 and k.split("/")[1] == t}
+        name = "acc" if "acc" in task else next(k for k in task if k != "items" and not k.endswith("_ci95"))
+        line = f"  {t:>16}: {name} {task[name]:.3f} ± {task[f'{name}_ci95']:.3f} (n={int(task['items'])})"
+        if "answer_loss" in task:
+            line += f", answer_loss {task['answer_loss']:.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict`` results as JSONL: one line per question with the predicted choice and
+    every choice's scores (sum log-likelihood and length-normalised), or, for a generation task, the
+    generated text (and the references the question came with)."""
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        folder = run_dir(trainer)
+        path = Path(self.output) if self.output else folder / "predictions.jsonl"
+        if trainer.world_size > 1:  # each rank holds every world_size-th question, from its rank on
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [row for batch in predictions for row in batch]
+        with path.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+        print(f"{len(rows)} predictions written to {path}")
 
 
 def _gather(rows: list) -> list:

@@ -9,8 +9,9 @@ length without that space, as mosld's ``accuracy_norm`` does (``EncodedItem.choi
 
 Example::
 
-    python -m mosld.harness_tasks --tasks arc_easy,openbookqa --limit 300 --out harness_tasks
-    python -m mosld.harness --run lightning_logs/version_0 --include_path harness_tasks --tasks mosld_arc_easy
+    python -m mosld.tools.harness_tasks --tasks arc_easy,openbookqa --limit 300 --out harness_tasks
+    python -m mosld.tools.harness --model mosld --model_args run=lightning_logs/version_0 \\
+        --include_path harness_tasks --tasks mosld_arc_easy
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def export_task(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mosld.harness_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mosld.tools.harness_tasks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", required=True, help="comma-separated mosld task names or user task paths")
     parser.add_argument("--out", required=True, help="folder for the task files (give it to --include_path)")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])

@@ -16,7 +16,7 @@ saved-tensor hooks. The prediction is the sum of:
 
 Example::
 
-    python -m mosld.memory --config configs/paper/base.yaml --config configs/paper/mosld.yaml \\
+    python -m mosld.tools.memory --config configs/paper/base.yaml --config configs/paper/mosld.yaml \\
         --model.quantization.bits 4 --model.gradient_checkpointing true --batch 4 --seq 1024
 """
 
@@ -34,11 +34,11 @@ import torch
 from jsonargparse import ArgumentError
 from torch import nn
 
-from .adapters import AdapterConfig, inject_adapters
-from .adapters.inject import num_decoder_layers
-from .models import DTYPES, is_embedded, meta_model
-from .quantization import QuantizationConfig
-from .training.cli import read_config
+from ..adapters import AdapterConfig, inject_adapters
+from ..adapters.inject import num_decoder_layers
+from ..models import DTYPES, is_embedded, meta_model
+from ..quantization import QuantizationConfig
+from ..training.cli import read_config
 
 # Architectures of hub models that are not available offline (``--model-config`` takes any config.json).
 KNOWN_ARCHITECTURES = {
