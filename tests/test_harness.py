@@ -78,13 +78,14 @@ def test_bridge_scores_a_run_on_a_local_task_yaml(run_dir, tmp_path, monkeypatch
     (tasks / "example_mc.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     args = ["--model", "mosld", "--model_args", f"run={run_dir}", "--tasks", "example_mc", "--include_path", str(tasks)]
-    args += ["--output_path", str(out), "--log_samples", "--batch_size", "4", "--device", "cpu"]
+    args += ["--output_path", str(out), "--log_samples", "--batch_size", "4"]  # no --device: the CPU without a GPU
     monkeypatch.setattr(sys, "argv", ["python -m mosld.tools.harness", *args])
     main()  # lm-eval's own command line, with "mosld" registered
     (results_file,) = out.rglob("results_*.json")
     results = json.loads(results_file.read_text())
     assert 0.0 <= results["results"]["example_mc"]["acc,none"] <= 1.0
     assert results["config"]["model"] == "mosld"
+    assert torch.cuda.is_available() or results["config"]["device"] == "cpu"
     assert results["config"]["mosld"]["adapter"] == str(run_dir / "adapter")
     (samples_file,) = out.rglob("samples_example_mc_*.jsonl")
     samples = samples_file.read_text().splitlines()

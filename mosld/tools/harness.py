@@ -100,10 +100,16 @@ def main() -> None:
     """lm-eval's own command line, with ``mosld`` registered first.
 
     Kept because lm-eval's ``lm-eval`` command finds models only in its own package (no plugin entry points),
-    so it cannot see ``mosld`` unless this module is imported first; nothing else is added.
+    so it cannot see ``mosld`` unless this module is imported first. One default differs: without a GPU and
+    without ``--device``, the device is the CPU (lm-eval's default, ``cuda:0``, would fail there).
     """
+    import sys
+
+    import torch
     from lm_eval.__main__ import cli_evaluate
 
+    if not torch.cuda.is_available() and not any(a == "--device" or a.startswith("--device=") for a in sys.argv):
+        sys.argv += ["--device", "cpu"]
     cli_evaluate()
 
 
