@@ -10,6 +10,7 @@ Examples:
     python scripts/export_peft.py lightning_logs/version_0                 # -> lightning_logs/version_0/peft
     python scripts/export_peft.py lightning_logs/version_0 --verify        # + logits of peft == mosld (needs peft)
     python scripts/export_peft.py lightning_logs/version_0 --eval-limit 300   # + accuracy: routed vs fixed gates
+    python scripts/export_peft.py RUN --gates RUN/peft/gates.json --eval-limit 300 --fixed-gates mixture --out RUN/acc
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ from mosld.models import is_embedded, load_base_model, resolve_model_path
 
 GATE_SAMPLE_SEED = 0  # the gate sample is the same whatever the run's seed
 MIXTURE = "mixture"
+FIXED_GATES = ("task", "mixture")  # the kinds of fixed gates --eval-limit scores against routing
 
 
 def _init_args(section: object, name: str, file: Path) -> dict:
@@ -126,10 +129,16 @@ def accuracy_table(rows: list[dict], mixture_entropy: float) -> str:
 
 
 def measure(
-    model, data: MultiTaskDataModule, gates: dict[str, dict], limit: int, data_dir: str | None, generation: dict | None
+    model,
+    data: MultiTaskDataModule,
+    gates: dict[str, dict],
+    limit: int,
+    data_dir: str | None,
+    generation: dict | None,
+    fixed: Sequence[str] = FIXED_GATES,
 ) -> tuple[list[dict], dict[str, dict]]:
-    """Test accuracy per task: routed, with the task's fixed gates, with the mixture's fixed gates; and the paired
-    comparisons of routed against each kind of fixed gates (``paired``)."""
+    """Test accuracy per task: routed, and with each kind of fixed gates in ``fixed`` (``mixture``: the mixture's
+    for every task; ``task``: each task's own); and the paired comparisons of routed against each (``paired``)."""
     common = {
         "split": "test",
         "data_dir": data.data_dir if data_dir is None else data_dir,
@@ -142,7 +151,8 @@ def measure(
         "item_scores": True,
     }
     results, items, scores = {}, {}, {}
-    for setting, setting_gates in (("routed", None), ("mixture_gates", gates[MIXTURE])):
+    settings = [("routed", None)] + ([("mixture_gates", gates[MIXTURE])] if "mixture" in fixed else [])
+    for setting, setting_gates in settings:
         started = time.perf_counter()
         set_static_gates(model, setting_gates)
         result = evaluate(model, data.tokenizer, data.tasks, **common)
@@ -150,15 +160,19 @@ def measure(
         scores[setting] = result["item_scores"]
         items = {name: metrics["num_items"] for name, metrics in result["metrics"].items()}
         print(f"[{setting}: {time.perf_counter() - started:.0f} s]", flush=True)
+    results.setdefault("mixture_gates", {})
     results["task_gates"], scores["task_gates"] = {}, {}
     started = time.perf_counter()
     for task, name in zip(data.tasks, data.task_names, strict=True):
-        if name in gates:
+        if name in gates and "task" in fixed:
             set_static_gates(model, gates[name])
-            result = evaluate(model, data.tokenizer, [task], **common)
+            one = {**common, "templates": {name: common["templates"][name]},  # the options of this task alone
+                   "generation": {k: v for k, v in (generation or {}).items() if k == name} or None}  # fmt: skip
+            result = evaluate(model, data.tokenizer, [task], **one)
             results["task_gates"].update(result["accuracy"])
             scores["task_gates"].update(result["item_scores"])
-    print(f"[task_gates: {time.perf_counter() - started:.0f} s]", flush=True)
+    if "task" in fixed:
+        print(f"[task_gates: {time.perf_counter() - started:.0f} s]", flush=True)
     set_static_gates(model, None)
     rows = [
         {
@@ -166,12 +180,14 @@ def measure(
             "items": items[name],
             "routed": results["routed"][name],
             "task_gates": results["task_gates"].get(name),
-            "mixture_gates": results["mixture_gates"][name],
+            "mixture_gates": results["mixture_gates"].get(name),
             "entropy": normalised_entropy(gates[name]) if name in gates else None,
         }
         for name in data.task_names
     ]
-    return rows, {fixed: paired(scores["routed"], scores[fixed]) for fixed in ("task_gates", "mixture_gates")}
+    return rows, {
+        kind: paired(scores["routed"], scores[kind]) for kind in ("task_gates", "mixture_gates") if scores.get(kind)
+    }
 
 
 def paired(routed: dict[str, list[float]], fixed: dict[str, list[float]]) -> dict:
@@ -210,8 +226,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--eval-limit", type=int, default=None, help="also measure test accuracy on this many items/task"
     )
+    parser.add_argument(
+        "--fixed-gates", default=",".join(FIXED_GATES), help="with --eval-limit: the fixed gates scored, "
+        "a comma list of task (each task's own) and mixture (default both)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--gates", type=Path, default=None, help="with --eval-limit: score the gates of this gates.json (an earlier "
+        "export's) instead of measuring and exporting them; the results go to OUT/gates.json"
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    fixed = [kind for kind in args.fixed_gates.split(",") if kind]
+    if not set(fixed) <= set(FIXED_GATES):
+        parser.error(f"--fixed-gates: expected a comma list of {' and '.join(FIXED_GATES)}, got {args.fixed_gates!r}")
+    if args.gates is not None and not args.eval_limit:
+        parser.error("--gates scores earlier gates: give --eval-limit too")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train_items < 1:  # by hand: plain argparse, where type=PositiveInt would not say what is expected
@@ -232,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     base_path = resolve_model_path(name) if is_embedded(name) else name  # a folder peft's auto classes can load
 
     gates, batches = {}, {}
+    if args.gates is not None:
+        return score_earlier_gates(args, model, data, data_args, out, fixed, argv, started)
     for task_id in data.train_task_ids:
         task = data.task_names[task_id]
         batches[task] = gate_batches(data, task_id, args.train_items, args.batch_size)
@@ -251,13 +282,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")  # kept if the evaluation is cut short
     if args.eval_limit:
-        rows, comparisons = measure(model, data, gates, args.eval_limit, args.data_dir, data_args.get("generation"))
-        summary["accuracy"], summary["paired"] = rows, comparisons
-        command = "python scripts/export_peft.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        print(f"\n`{command}` (test split, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s)\n")
-        print(accuracy_table(rows, normalised_entropy(gates[MIXTURE])))
-        print("\n" + paired_lines(comparisons))
-        (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")
+        score(model, data, data_args, gates, summary, out, args, fixed, argv, started)
+    return summary
+
+
+def score(model, data, data_args: dict, gates: dict, summary: dict, out: Path, args, fixed, argv, started) -> None:
+    """``--eval-limit``: the accuracy table and the paired comparisons, printed and added to OUT/gates.json."""
+    rows, comparisons = measure(model, data, gates, args.eval_limit, args.data_dir, data_args.get("generation"), fixed)
+    summary["accuracy"], summary["paired"] = rows, comparisons
+    command = "python scripts/export_peft.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"\n`{command}` (test split, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s)\n")
+    print(accuracy_table(rows, normalised_entropy(gates[MIXTURE])))
+    print("\n" + paired_lines(comparisons))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def score_earlier_gates(args, model, data, data_args: dict, out: Path, fixed, argv, started) -> dict:
+    """``--gates FILE``: score the gates an earlier export measured (no new gates, no export)."""
+    try:
+        earlier = json.loads(args.gates.read_text())
+        gates = {name: {module: torch.tensor(values) for module, values in entry["gates"].items()}
+                 for name, entry in earlier["adapters"].items()}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise SystemExit(f"--gates {args.gates}: expected a gates.json written by this script ({err!r})") from None
+    if MIXTURE not in gates:
+        raise SystemExit(f"--gates {args.gates}: has no {MIXTURE!r} gates")
+    summary = {key: earlier[key] for key in ("run", "train_items", "seed") if key in earlier}
+    summary |= {"gates_from": str(args.gates), "adapters": earlier["adapters"]}
+    score(model, data, data_args, gates, summary, out, args, fixed, argv, started)
     return summary
 
 

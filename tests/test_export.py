@@ -205,9 +205,13 @@ def test_export_command_writes_one_adapter_per_task_and_the_mixture(tiny_model_d
     from mosld.training.cli import main as cli_main
 
     example = str(REPO / "data" / "example_task")
+    quiz = tmp_path / "quiz"  # a second task, so that each task's own gates are scored apart from the other's
+    quiz.mkdir()
+    for split in ("train", "validation", "test"):
+        (quiz / f"{split}.jsonl").write_text((Path(example) / f"{split}.jsonl").read_text())
     cli = cli_main(
         ["fit", "--config", str(REPO / "configs" / "mosld.yaml"), "--model.model_name_or_path", tiny_model_dir,
-         "--data.tasks", f"[{example}]", "--data.max_eval_examples", "4", "--data.num_samples_per_epoch", "8",
+         "--data.tasks", f"[{example}, {quiz}]", "--data.max_eval_examples", "4", "--data.num_samples_per_epoch", "8",
          "--data.batch_size", "4", "--data.cache_dir", str(tmp_path / "cache"), "--trainer.precision", "32-true",
          "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps",
          "0"]
@@ -216,22 +220,32 @@ def test_export_command_writes_one_adapter_per_task_and_the_mixture(tiny_model_d
     script = load_script()
     summary = script.main([str(run), "--train-items", "6", "--batch-size", "4", "--verify", "--eval-limit", "4"])
     out = run / "peft"
-    assert sorted(p.name for p in out.iterdir()) == ["example_task", "gates.json", "mixture"]
+    assert sorted(p.name for p in out.iterdir()) == ["example_task", "gates.json", "mixture", "quiz"]
     for name in ("example_task", "mixture"):
         assert json.loads((out / name / "adapter_config.json").read_text())["peft_type"] == "LORA"
         diffs = summary["adapters"][name]["max_abs_logit_diff"]
         assert diffs["peft"] <= TOLERANCE and diffs["merged"] <= TOLERANCE
     recorded = json.loads((out / "gates.json").read_text())
-    assert recorded["train_items"] == 6 and set(recorded["adapters"]) == {"example_task", "mixture"}
-    # one task: the mixture's gates are that task's
-    assert recorded["adapters"]["mixture"]["gates"] == recorded["adapters"]["example_task"]["gates"]
+    assert recorded["train_items"] == 6 and set(recorded["adapters"]) == {"example_task", "quiz", "mixture"}
+    # the same items in both tasks: the mixture's gates are the mean of two equal gate vectors
+    mixture, task = recorded["adapters"]["mixture"]["gates"], recorded["adapters"]["example_task"]["gates"]
+    assert all(mixture[m] == pytest.approx(task[m]) for m in task)
     printed = capsys.readouterr().out
-    assert "| example_task | 4 |" in printed and "routed - per-task gates:" in printed
-    row = recorded["accuracy"][0]
+    assert "| example_task | 4 |" in printed and "| quiz | 4 |" in printed and "routed - per-task gates:" in printed
+    rows = recorded["accuracy"]
     for fixed in ("task_gates", "mixture_gates"):  # paired item by item: the interval holds the difference
         paired = recorded["paired"][fixed]
-        assert paired["items"] == 4 and paired["low"] <= paired["diff"] <= paired["high"]
-        assert paired["diff"] == pytest.approx(100 * (row["routed"] - row[fixed]))
+        assert paired["items"] == 8 and paired["tasks"] == 2 and paired["low"] <= paired["diff"] <= paired["high"]
+        assert paired["diff"] == pytest.approx(100 * sum(r["routed"] - r[fixed] for r in rows) / 2)
+    # the earlier export's gates scored again, the mixture's only: the same accuracies, nothing exported
+    again = script.main([str(run), "--gates", str(out / "gates.json"), "--eval-limit", "4", "--fixed-gates",
+                         "mixture", "--out", str(run / "accuracy")])  # fmt: skip
+    assert [(r["routed"], r["mixture_gates"], r["task_gates"]) for r in again["accuracy"]] == [
+        (r["routed"], r["mixture_gates"], None) for r in rows
+    ]
+    assert set(again["paired"]) == {"mixture_gates"} and sorted(p.name for p in (run / "accuracy").iterdir()) == [
+        "gates.json"
+    ]
     with pytest.raises(SystemExit):  # the output exists now: refused
         script.main([str(run)])
     assert "exists and is not empty" in capsys.readouterr().err
