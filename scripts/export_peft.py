@@ -167,7 +167,7 @@ def measure(
         if name in gates and "task" in fixed:
             set_static_gates(model, gates[name])
             one = {**common, "templates": {name: common["templates"][name]},  # the options of this task alone
-                   "generation": {k: v for k, v in (generation or {}).items() if k == name} or None}  # fmt: skip
+                   "generation": {name: generation[name]} if name in (generation or {}) else None}  # fmt: skip
             result = evaluate(model, data.tokenizer, [task], **one)
             results["task_gates"].update(result["accuracy"])
             scores["task_gates"].update(result["item_scores"])
@@ -252,66 +252,63 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--out: {out} exists and is not empty; choose a new folder")
     try:
         model_args, data_args = read_run(args.run)
+        earlier = None if args.gates is None else read_earlier_gates(args.gates)  # before the model: fail fast
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     name = model_args["model_name_or_path"]
     started = time.perf_counter()
     model = load_adapter(load_base_model(name, dtype="float32"), args.run / "adapter").eval()
     data = build_data(model_args, data_args, args.data_dir)
-    base_path = resolve_model_path(name) if is_embedded(name) else name  # a folder peft's auto classes can load
 
-    gates, batches = {}, {}
-    if args.gates is not None:
-        return score_earlier_gates(args, model, data, data_args, out, fixed, argv, started)
-    for task_id in data.train_task_ids:
-        task = data.task_names[task_id]
-        batches[task] = gate_batches(data, task_id, args.train_items, args.batch_size)
-        gates[task] = mean_gates(model, batches[task])
-    if MIXTURE in gates:
-        parser.error(f"a task is named {MIXTURE!r}, the name of the mixture's export; rename the task")
-    gates[MIXTURE] = average_gates(list(gates.values()))
-    summary: dict = {"run": str(args.run), "train_items": args.train_items, "seed": GATE_SAMPLE_SEED, "adapters": {}}
-    for task, task_gates in gates.items():
-        folder = export_peft(model, out / task, task_gates, base_model_name_or_path=base_path)
-        entry = {"folder": str(folder), "normalised_entropy": normalised_entropy(task_gates)}
-        if args.verify:
-            batch = batches.get(task, next(iter(batches.values())))[-1]  # the shortest sequences of the sample
-            entry["max_abs_logit_diff"] = verify(model, name, folder, task_gates, batch)
-        summary["adapters"][task] = {**entry, "gates": {k: v.tolist() for k, v in task_gates.items()}}
-        print(f"{task}: {folder}  " + ", ".join(f"{k}={v}" for k, v in entry.items() if k != "folder"), flush=True)
+    if earlier is not None:
+        gates, summary = earlier
+    else:
+        base_path = resolve_model_path(name) if is_embedded(name) else name  # a folder peft's auto classes can load
+        gates, batches = {}, {}
+        for task_id in data.train_task_ids:
+            task = data.task_names[task_id]
+            batches[task] = gate_batches(data, task_id, args.train_items, args.batch_size)
+            gates[task] = mean_gates(model, batches[task])
+        if MIXTURE in gates:
+            parser.error(f"a task is named {MIXTURE!r}, the name of the mixture's export; rename the task")
+        gates[MIXTURE] = average_gates(list(gates.values()))
+        summary = {"run": str(args.run), "train_items": args.train_items, "seed": GATE_SAMPLE_SEED, "adapters": {}}
+        for task, task_gates in gates.items():
+            folder = export_peft(model, out / task, task_gates, base_model_name_or_path=base_path)
+            entry = {"folder": str(folder), "normalised_entropy": normalised_entropy(task_gates)}
+            if args.verify:
+                batch = batches.get(task, next(iter(batches.values())))[-1]  # the shortest sequences of the sample
+                entry["max_abs_logit_diff"] = verify(model, name, folder, task_gates, batch)
+            summary["adapters"][task] = {**entry, "gates": {k: v.tolist() for k, v in task_gates.items()}}
+            print(f"{task}: {folder}  " + ", ".join(f"{k}={v}" for k, v in entry.items() if k != "folder"), flush=True)
+        (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")  # kept if the evaluation is cut short
 
-    (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")  # kept if the evaluation is cut short
     if args.eval_limit:
-        score(model, data, data_args, gates, summary, out, args, fixed, argv, started)
+        generation = data_args.get("generation")
+        rows, comparisons = measure(model, data, gates, args.eval_limit, args.data_dir, generation, fixed)
+        summary["accuracy"], summary["paired"] = rows, comparisons
+        command = "python scripts/export_peft.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        print(f"\n`{command}` (test split, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s)\n")
+        print(accuracy_table(rows, normalised_entropy(gates[MIXTURE])))
+        print("\n" + paired_lines(comparisons))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def score(model, data, data_args: dict, gates: dict, summary: dict, out: Path, args, fixed, argv, started) -> None:
-    """``--eval-limit``: the accuracy table and the paired comparisons, printed and added to OUT/gates.json."""
-    rows, comparisons = measure(model, data, gates, args.eval_limit, args.data_dir, data_args.get("generation"), fixed)
-    summary["accuracy"], summary["paired"] = rows, comparisons
-    command = "python scripts/export_peft.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(f"\n`{command}` (test split, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s)\n")
-    print(accuracy_table(rows, normalised_entropy(gates[MIXTURE])))
-    print("\n" + paired_lines(comparisons))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gates.json").write_text(json.dumps(summary, indent=1) + "\n")
-
-
-def score_earlier_gates(args, model, data, data_args: dict, out: Path, fixed, argv, started) -> dict:
-    """``--gates FILE``: score the gates an earlier export measured (no new gates, no export)."""
+def read_earlier_gates(file: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """``--gates FILE``: the gates an earlier export measured (every adapter's, the mixture's among them) and the
+    summary that the scores go into."""
     try:
-        earlier = json.loads(args.gates.read_text())
+        earlier = json.loads(file.read_text())
         gates = {name: {module: torch.tensor(values) for module, values in entry["gates"].items()}
                  for name, entry in earlier["adapters"].items()}  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise SystemExit(f"--gates {args.gates}: expected a gates.json written by this script ({err!r})") from None
+        raise ValueError(f"--gates {file}: expected a gates.json written by this script ({err!r})") from None
     if MIXTURE not in gates:
-        raise SystemExit(f"--gates {args.gates}: has no {MIXTURE!r} gates")
+        raise ValueError(f"--gates {file}: has no {MIXTURE!r} gates")
     summary = {key: earlier[key] for key in ("run", "train_items", "seed") if key in earlier}
-    summary |= {"gates_from": str(args.gates), "adapters": earlier["adapters"]}
-    score(model, data, data_args, gates, summary, out, args, fixed, argv, started)
-    return summary
+    return gates, summary | {"gates_from": str(file), "adapters": earlier["adapters"]}
 
 
 if __name__ == "__main__":
