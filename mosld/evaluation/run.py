@@ -150,13 +150,14 @@ def evaluate(
                 metric_names[task] = GENERATE_HEADLINE
                 correct = _generated_choices_correct(model, datamodule, task, split, max_new_tokens)
                 add_generation(sums, task, correct)
-                per_item[task] += correct.tolist()
+                if item_scores:
+                    per_item[task] += correct.tolist()
             else:
                 with torch.inference_mode():
                     for batch in datamodule.eval_dataloader(task, split):
                         outputs, metric = eval_step(model, batch, tokenizer, sums, task, share)
-                        # "correct" is the headline scoring's (HEADLINE) per-item result
-                        per_item[task] += outputs["correct" if metric is None else "score"].double().tolist()
+                        if item_scores:  # "correct" is the headline scoring's (HEADLINE) per-item result
+                            per_item[task] += outputs["correct" if metric is None else "score"].double().tolist()
                         if metric is not None:
                             metric_names[task] = metric
             seconds[task] = time.perf_counter() - started
