@@ -6,7 +6,8 @@ fixed gates) and is the harness's ``HFLM`` on that model object, so the harness'
 generation code score it. Its model arguments: ``run`` (a run folder: its base, dtype and ``adapter/``),
 ``adapter`` (an adapter folder), ``base`` (overrides the run's or adapter's base; alone, the base without an
 adapter), ``dtype``, ``trust_remote_code``, ``device`` (lm-eval's ``--device``: its command line defaults to
-``cuda:0``, so give ``--device cpu`` without a GPU); any other goes to ``HFLM`` (``max_length``, ...).
+``cuda:0``; ``python -m mosld.tools.harness`` gives ``cpu`` when there is no GPU and no ``--device``); any
+other goes to ``HFLM`` (``max_length``, ...).
 Everything else is lm-eval's own: its command line and ``lm_eval.simple_evaluate``. Needs the optional extra
 ``pip install -e ".[harness]"``. Offline, give the harness local tasks (``dataset_path: json``; see
 ``mosld.tools.harness_tasks`` for mosld's own) and set ``HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1``. How the
@@ -21,7 +22,7 @@ From Python::
 
 From the command line, lm-eval's own (``python -m mosld.tools.harness --help`` is ``lm-eval --help``)::
 
-    python -m mosld.tools.harness --model mosld --model_args run=lightning_logs/version_0 --tasks arc_easy,mmlu --device cpu
+    python -m mosld.tools.harness --model mosld --model_args run=lightning_logs/version_0 --tasks arc_easy,mmlu
     python -m mosld.tools.harness --model mosld --model_args adapter=out/adapter --tasks my_task \\
         --include_path my_tasks --output_path out/eval --log_samples
 """
