@@ -279,6 +279,7 @@ def test_two_method_sweep_records_and_aggregates(tiny_model_dir, tmp_path, capsy
     lora = json.loads((results / "lora-mixture-seed0" / "metrics.json").read_text())
     mosld = json.loads((results / "mosld-mixture-seed0" / "metrics.json").read_text())
     assert lora["steps"] == mosld["steps"] == 4 and lora["tokens_seen"] == mosld["tokens_seen"] > 0  # same batches
+    assert lora["precision"] == mosld["precision"] in {"32-true", "bf16-mixed"}  # what auto chose, kept per run
     assert 0 < mosld["trainable_parameters"] and lora["trainable_parameters"] < mosld["trainable_parameters"]
     assert (results / "mosld-mixture-seed0" / "adapter" / "adapter_config.json").is_file()
     routing = json.loads((results / "mosld-mixture-seed0" / "routing.json").read_text())

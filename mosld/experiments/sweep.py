@@ -329,6 +329,7 @@ class Sweep:
                 "train_tokens_per_second": sum(t["tokens_seen"] for t in train)
                 / sum(t["train_seconds"] for t in train),
                 "final_train_loss": sum(t["final_train_loss"] for t in train) / len(train),
+                "precision": train[0]["precision"],  # auto resolves per machine: seeds may differ
                 "machine": train[0]["machine"],
                 "train_loss_curve": train[0]["loss"] if len(train) == 1 else None,
             }
