@@ -543,8 +543,17 @@ def test_results_page_sets_the_single_setting_against_the_mixture_of_another_pro
             zeros = {t: [0] * 40 for t in tasks}
             _write_record(single_dir, f"{method}-single-seed{seed}", method, seed, single, zeros, "single", tasks)
             _write_record(mixture_dir, f"{method}-mixture-seed{seed}", method, seed, mixture, zeros, "mixture", tasks)
+    for run, field in [("lora-single-seed0", {"precision": "32-true"}), ("mosld-single-seed0", {"precision": "32-true"}),
+                       ("lora-single-seed1", {"precision": "bf16-mixed"}), ("mosld-single-seed1", {})]:  # fmt: skip
+        record = json.loads((single_dir / run / "metrics.json").read_text())
+        (single_dir / run / "metrics.json").write_text(
+            json.dumps(record | field | {"machine": {"cpu_native_bf16": True}})
+        )
     out = tmp_path / "results.md"
     page = aggregate(single_dir, out, resamples=500, test_tasks=list(tasks), compare_with=[mixture_dir])
+    assert ("runs of one protocol can differ): 32-true: lora-single-seed0, mosld-single-seed0; bf16-mixed: "
+            "lora-single-seed1; not recorded: lora-mixture-seed0, lora-mixture-seed1, mosld-mixture-seed0, "
+            "mosld-mixture-seed1; not recorded (a CPU with native bf16): mosld-single-seed1.") in page  # fmt: skip
     assert aggregate(single_dir, out, resamples=500, test_tasks=list(tasks), compare_with=[mixture_dir]) == page
     section = page[page.index("## Single task against the mixture") :]
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[4:]

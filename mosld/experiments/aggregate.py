@@ -214,6 +214,7 @@ def aggregate(
                 f"{100 * mean['padding_fraction']:.1f}% | {mean['train_seconds']:.0f} | "
                 f"{mean['train_tokens_per_second']:.0f} | {mean['final_train_loss']:.3f} |"
             )
+    lines += precision_note(trained)
     # ---- paired comparisons
     lines += ["", "## Paired comparisons", ""]
     lines += [
@@ -322,6 +323,21 @@ def results_table(groups: dict, keys: list, in_domain: list[str], ood: list[str]
 def all_generation(records: list[dict]) -> bool:
     """Whether every task of every record is a generation task (no multiple choice on the page)."""
     return all(is_generation(m) for r in records for m in r["tasks"].values())
+
+
+def precision_note(records: list[dict]) -> list[str]:
+    """Which runs trained and tested in which precision, on pages where some record says (records keep it since
+    `auto` made it depend on the machine); a run without it is described by its machine's bf16 support."""
+    if not any("precision" in r for r in records):
+        return []
+    runs: dict[str, list[str]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: (r["setting"], r["method"], r["seed"])):
+        cpu = {True: " (a CPU with native bf16)", False: " (a CPU without native bf16)"}
+        unknown = "not recorded" + cpu.get(r.get("machine", {}).get("cpu_native_bf16"), "")
+        runs[r.get("precision", unknown)].append(r["run"])
+    return ["", "Precision of the fits and tests (`trainer.precision`; `auto` chooses it from the machine, so the "
+            "runs of one protocol can differ): " + "; ".join(f"{p}: {', '.join(names)}" for p, names in
+                                                          sorted(runs.items())) + "."]  # fmt: skip
 
 
 def scores_note(records: list[dict]) -> str:
