@@ -57,6 +57,14 @@ def tiny_config(arch: str, **overrides):
     raise ValueError(arch)
 
 
+def copy_of_example_task(folder: Path) -> Path:
+    """A user task under another name with the example task's rows: a second task that needs no data of its own."""
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.jsonl").write_text((Path(EXAMPLE_TASK) / f"{split}.jsonl").read_text())
+    return folder
+
+
 def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).to(dtype)

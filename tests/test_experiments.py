@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import EXAMPLE_TASK, REPO
+from helpers import EXAMPLE_TASK, REPO, copy_of_example_task
 
 from mosld.experiments import binomial_two_sided, load_protocol, mcnemar_exact, mean_sd, paired_bootstrap
 from mosld.experiments.__main__ import main as experiments_main
@@ -366,10 +366,7 @@ def _strip_task(record, task: str) -> None:
 @pytest.mark.slow
 def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_dir, tmp_path, capsys):
     # an out-of-domain task: a user task that is only tested, never trained on
-    quiz = tmp_path / "quiz"
-    quiz.mkdir()
-    for split in ("train", "validation", "test"):
-        (quiz / f"{split}.jsonl").write_text((REPO / "data" / "example_task" / f"{split}.jsonl").read_text())
+    quiz = copy_of_example_task(tmp_path / "quiz")
     path = write_tiny_protocol(
         tmp_path,
         tiny_model_dir,
@@ -410,10 +407,7 @@ def test_a_record_lacking_a_test_task_is_topped_up_from_its_adapter(tiny_model_d
 @pytest.mark.slow
 def test_local_launcher_runs_jobs_side_by_side_reports_a_failing_one_and_resumes(tiny_model_dir, tmp_path, capsys):
     pytest.importorskip("submitit")
-    quiz = tmp_path / "quiz"
-    quiz.mkdir()
-    for split in ("train", "validation", "test"):
-        (quiz / f"{split}.jsonl").write_text((REPO / "data" / "example_task" / f"{split}.jsonl").read_text())
+    quiz = copy_of_example_task(tmp_path / "quiz")
     # two experts suit MoSLD but LoRA refuses them: one job fails, the others must finish
     path = write_tiny_protocol(
         tmp_path,

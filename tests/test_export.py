@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EMBEDDED, REPO, tiny_model
+from helpers import EMBEDDED, REPO, copy_of_example_task, tiny_model
 
 import mosld
 from mosld.adapters.static import routed_layers
@@ -205,10 +205,7 @@ def test_export_command_writes_one_adapter_per_task_and_the_mixture(tiny_model_d
     from mosld.training.cli import main as cli_main
 
     example = str(REPO / "data" / "example_task")
-    quiz = tmp_path / "quiz"  # a second task, so that each task's own gates are scored apart from the other's
-    quiz.mkdir()
-    for split in ("train", "validation", "test"):
-        (quiz / f"{split}.jsonl").write_text((Path(example) / f"{split}.jsonl").read_text())
+    quiz = copy_of_example_task(tmp_path / "quiz")  # a second task: each task's own gates are scored apart
     cli = cli_main(
         ["fit", "--config", str(REPO / "configs" / "mosld.yaml"), "--model.model_name_or_path", tiny_model_dir,
          "--data.tasks", f"[{example}, {quiz}]", "--data.max_eval_examples", "4", "--data.num_samples_per_epoch", "8",
