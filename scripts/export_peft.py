@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from mosld.adapters import load_adapter, mean_gates, set_static_gates
-from mosld.adapters.export import export_peft
+from mosld.adapters.export import export_peft, read_export_gates
 from mosld.adapters.static import average_gates, normalised_entropy
 from mosld.data.datamodule import MultiTaskDataModule, TrainCollator
 from mosld.data.tasks import seeded_sample
@@ -300,11 +300,9 @@ def read_earlier_gates(file: Path) -> tuple[dict[str, dict[str, torch.Tensor]], 
     """``--gates FILE``: the gates an earlier export measured (every adapter's, the mixture's among them) and the
     summary that the scores go into."""
     try:
-        earlier = json.loads(file.read_text())
-        gates = {name: {module: torch.tensor(values) for module, values in entry["gates"].items()}
-                 for name, entry in earlier["adapters"].items()}  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"--gates {file}: expected a gates.json written by this script ({err!r})") from None
+        gates, earlier = read_export_gates(file)
+    except ValueError as err:
+        raise ValueError(f"--gates {err}") from None
     if MIXTURE not in gates:
         raise ValueError(f"--gates {file}: has no {MIXTURE!r} gates")
     summary = {key: earlier[key] for key in ("run", "train_items", "seed") if key in earlier}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,20 @@ def test_embedded_smollm2_export_equals_fixed_gates(dtype, tmp_path, tokenizer):
         noise = (merged - unmerged).abs().max()
         assert (unmerged - expected).abs().max() <= max(1e-4, 2 * noise)
         assert (merged - expected).abs().max() <= max(1e-4, 2 * noise)
+
+
+BAD_GATES_FILES = ("not json", json.dumps({"gates": {}}), json.dumps({"adapters": {"mixture": {"gates": [1]}}}))
+
+
+def test_an_exports_gates_file_is_read_back_and_anything_else_refused_naming_the_file(tmp_path):
+    from mosld.adapters.export import read_export_gates
+
+    good = tmp_path / "gates.json"
+    good.write_text(json.dumps({"run": "r", "adapters": {"mixture": {"gates": {"m": [0.25, 0.75]}}}}))
+    gates, record = read_export_gates(good)
+    assert torch.equal(gates["mixture"]["m"], torch.tensor([0.25, 0.75])) and record["run"] == "r"
+    for text in BAD_GATES_FILES:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{bad}: expected a gates.json written by scripts/export_peft")):
+            read_export_gates(bad)

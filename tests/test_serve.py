@@ -288,6 +288,9 @@ def test_static_gates_and_peft_serve_the_collapsed_adapter(run_dir, tiny_model_d
     assert not torch.allclose(routed.model(input_ids=ids).logits, fixed.model(input_ids=ids).logits)
     with pytest.raises(ValueError, match="mixture"):
         load_served_model(run=run_dir, device="cpu", static_gates="arc_easy")
+    gates_file.write_text(json.dumps({"adapters": {"mixture": {"gates": list(gates.values())}}}))
+    with pytest.raises(ValueError, match="expected a gates.json written by scripts/export_peft.py"):  # not a crash
+        load_served_model(run=run_dir, device="cpu", static_gates="mixture")
     pytest.importorskip("peft")
     mosld.export_peft(routed.model, tmp_path / "lora", {k: torch.tensor(v) for k, v in gates.items()})
     for merge in (False, True):

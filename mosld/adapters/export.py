@@ -157,3 +157,15 @@ def export_peft(
     }
     (folder / GATES_NAME).write_text(json.dumps(record, indent=1) + "\n")
     return folder
+
+
+def read_export_gates(file: Path) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """The gates of every adapter in the ``gates.json`` that ``scripts/export_peft.py`` writes beside its exports
+    (per name, a training task or ``mixture``: per routed module, the gate vector), and the file's whole record."""
+    try:
+        record = json.loads(Path(file).read_text())
+        gates = {name: {module: torch.tensor(values) for module, values in entry["gates"].items()}
+                 for name, entry in record["adapters"].items()}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{file}: expected a gates.json written by scripts/export_peft.py ({err!r})") from None
+    return gates, record

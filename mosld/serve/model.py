@@ -19,6 +19,7 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
+from mosld.adapters.export import read_export_gates
 from mosld.adapters.io import load_adapter
 from mosld.adapters.static import set_static_gates
 from mosld.models import load_base_model, load_tokenizer
@@ -63,10 +64,10 @@ def read_gates(file: Path, name: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"--static-gates: {file} not found; write it with `python scripts/export_peft.py RUN` or give --gates"
         )
-    adapters = json.loads(file.read_text()).get("adapters", {})
-    if name not in adapters:
-        raise ValueError(f"--static-gates {name}: not in {file}; it has {', '.join(adapters) or 'no gates'}")
-    return {module: torch.tensor(values) for module, values in adapters[name]["gates"].items()}
+    gates, _ = read_export_gates(file)
+    if name not in gates:
+        raise ValueError(f"--static-gates {name}: not in {file}; it has {', '.join(gates) or 'no gates'}")
+    return gates[name]
 
 
 def resolve_device(device: str) -> torch.device:
