@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -308,3 +309,13 @@ def test_a_quantized_base_is_served_with_its_adapter(run_dir, tokenizer):
     batch = {**left_pad([[5, 17, 300], [9]], tokenizer.pad_token_id), "generation": DecodeOptions(4)}
     texts = generate_batch(served.model, batch, tokenizer)
     assert len(texts) == 2 and all(texts)
+
+
+def test_what_to_serve_is_resolved_with_errors_naming_the_options(tmp_path):
+    with pytest.raises(ValueError, match="give --run, --adapter or --base"):
+        load_served_model(device="cpu")
+    with pytest.raises(ValueError, match="--run, --adapter and --peft: give one"):
+        load_served_model(run=tmp_path, peft=tmp_path, device="cpu")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ValueError, match=f"--peft {re.escape(str(tmp_path))}: .* does not name the base model"):
+        load_served_model(peft=tmp_path, device="cpu")

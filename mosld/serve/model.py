@@ -24,7 +24,7 @@ from mosld.adapters.io import load_adapter
 from mosld.adapters.static import set_static_gates
 from mosld.models import load_base_model, load_tokenizer
 from mosld.quantization import QuantizationConfig
-from mosld.training.run_folder import ModelSpec, spec_from_adapter, spec_from_run
+from mosld.training.run_folder import ModelSpec, resolve_spec
 
 # Lightning precision -> (autocast dtype, or None; dtype the model is cast to, or None)
 PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
@@ -96,25 +96,18 @@ def load_served_model(
     if sum(x is not None for x in (run, adapter, peft)) > 1:
         raise ValueError("--run, --adapter and --peft: give one (a run folder holds its adapter in adapter/)")
     quantization, run_precision = QuantizationConfig(), "32-true"
-    if run is not None:
-        spec = spec_from_run(run)
-        quantization, run_precision = run_settings(Path(run))
-    elif adapter is not None:
-        spec = spec_from_adapter(adapter)
-    elif peft is not None:
+    if peft is not None:
         config = Path(peft) / "adapter_config.json"
         if not config.is_file():
             raise FileNotFoundError(f"--peft {peft}: no adapter_config.json (expected a peft LoRA folder)")
-        spec = ModelSpec(base=json.loads(config.read_text()).get("base_model_name_or_path") or "", adapter=None)
-    elif base:
-        spec = ModelSpec(base=base, adapter=None)
-    else:
-        raise ValueError("give --run, --adapter or --base (the model to serve)")
+        base = base or json.loads(config.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"--peft {peft}: its adapter_config.json does not name the base model; give --base")
+    spec = resolve_spec(run, adapter, base, dtype)
+    if run is not None:
+        quantization, run_precision = run_settings(Path(run))
     if no_adapter:  # the run's base with the run's settings: the baseline a benchmark compares with
         spec = ModelSpec(spec.base, None, spec.dtype, spec.trust_remote_code)
-    base_name = base or spec.base
-    if not base_name:
-        raise ValueError(f"--adapter {adapter}: its config does not name the base model; give --base")
     if quantization_bits is not None:
         quantization = QuantizationConfig(bits=quantization_bits)
     precision = run_precision if precision in (None, "auto") and run is not None else precision or "auto"
@@ -127,7 +120,7 @@ def load_served_model(
     autocast, cast = PRECISIONS[precision]
 
     model = load_base_model(
-        base_name, dtype=dtype or spec.dtype, trust_remote_code=spec.trust_remote_code, quantization=quantization
+        spec.base, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code, quantization=quantization
     )
     if spec.adapter is not None:
         model = load_adapter(model, spec.adapter)
@@ -149,9 +142,9 @@ def load_served_model(
     if cast is not None:
         model = model.to(cast)
     model.eval()
-    tokenizer = load_tokenizer(base_name, trust_remote_code=spec.trust_remote_code)
+    tokenizer = load_tokenizer(spec.base, trust_remote_code=spec.trust_remote_code)
     limit = context_length or getattr(model.config, "max_position_embeddings", None) or 2048
-    what = f"{spec.adapter or peft} on {base_name}" if spec.adapter or peft else base_name
+    what = f"{spec.adapter or peft} on {spec.base}" if spec.adapter or peft else spec.base
     routing = f", fixed gates {static_gates!r}" if static_gates else (", routed per token" if spec.adapter else "")
     routing += (", peft LoRA merged" if merge_peft else ", peft LoRA") if peft else ""
     description = f"{what}{routing}; {precision}, {next(model.parameters()).device}"

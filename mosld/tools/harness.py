@@ -29,13 +29,12 @@ From the command line, lm-eval's own (``python -m mosld.tools.harness --help`` i
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mosld.models import load_tokenizer
-from mosld.training.run_folder import ModelSpec, load_model, spec_from_adapter, spec_from_run
+from mosld.training.run_folder import load_model, resolve_spec
 
 try:
     from lm_eval.api.registry import register_model
@@ -44,30 +43,6 @@ except ImportError as err:  # the optional extra: say how to get it rather than 
     raise ImportError(
         'mosld.tools.harness needs lm-evaluation-harness: pip install -e ".[harness]" (or pip install lm-eval)'
     ) from err
-
-
-def resolve_spec(
-    run: str | Path | None = None,
-    adapter: str | Path | None = None,
-    base: str | None = None,
-    dtype: str | None = None,
-    trust_remote_code: bool = False,
-) -> ModelSpec:
-    """The model to score, from the ``run`` / ``adapter`` / ``base`` / ``dtype`` model arguments."""
-    if run and adapter:
-        raise ValueError("run and adapter: give one (a run folder holds its adapter in adapter/)")
-    if run:
-        spec = spec_from_run(str(run))  # str: lm-eval reads a value such as 0 as a number
-    elif adapter:
-        spec = spec_from_adapter(str(adapter))
-    elif base:
-        spec = ModelSpec(base=str(base), adapter=None)
-    else:
-        raise ValueError("give run, adapter or base in model_args (the model to score)")
-    base = str(base) if base else spec.base
-    if not base:
-        raise ValueError(f"adapter {adapter}: its config does not name the base model; give base")
-    return ModelSpec(base, spec.adapter, dtype or spec.dtype, bool(trust_remote_code) or spec.trust_remote_code)
 
 
 @register_model("mosld")

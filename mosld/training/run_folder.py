@@ -63,6 +63,31 @@ def spec_from_adapter(adapter: str | Path) -> ModelSpec:
     return ModelSpec(base=base, adapter=adapter)  # the base's dtype is not recorded: float32 unless --dtype
 
 
+def resolve_spec(
+    run: str | Path | None = None,
+    adapter: str | Path | None = None,
+    base: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> ModelSpec:
+    """The model of ``run`` (a run folder), ``adapter`` (an adapter folder) or ``base`` (a model name or path);
+    ``base``, ``dtype`` and ``trust_remote_code`` override what the run or adapter records."""
+    if run and adapter:
+        raise ValueError("--run and --adapter: give one (a run folder holds its adapter in adapter/)")
+    if run:
+        spec = spec_from_run(str(run))  # str: lm-eval reads a value such as 0 as a number
+    elif adapter:
+        spec = spec_from_adapter(str(adapter))
+    elif base:
+        spec = ModelSpec(base=str(base), adapter=None)
+    else:
+        raise ValueError("give --run, --adapter or --base (the model to load)")
+    base = str(base) if base else spec.base
+    if not base:
+        raise ValueError(f"--adapter {adapter}: its config does not name the base model; give --base")
+    return ModelSpec(base, spec.adapter, dtype or spec.dtype, bool(trust_remote_code) or spec.trust_remote_code)
+
+
 def load_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
     """The base model with its adapter injected and routed, in eval mode on ``device``."""
     model = load_base_model(spec.base, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
