@@ -825,6 +825,17 @@ def test_a_borderline_verdict_is_drawn_again_with_more_resamples():
     assert compare(clear, b, resamples=1000, escalate_to=40_000).resamples == 1000  # "holds" at once
 
 
+def test_a_papers_effect_at_the_edge_is_placed_again_with_more_resamples():
+    rng = np.random.default_rng(3)
+    a, b = {"x": rng.integers(0, 2, (3, 200)).astype(float)}, {"x": rng.integers(0, 2, (3, 200)).astype(float)}
+    few = compare(a, b, resamples=500, escalate_to=500)
+    at_edge = sum(few.high_band) / 2
+    assert few.place(at_edge) == "at the edge" and few.verdict() == "is within noise"
+    assert compare(a, b, resamples=500, escalate_to=20_000, reference=at_edge).resamples == 20_000
+    assert compare(a, b, resamples=500, escalate_to=20_000, reference=few.high_band[1] + 0.05).resamples == 500
+    assert compare(a, b, resamples=500, escalate_to=20_000).resamples == 500  # no reference: the verdict decides
+
+
 def test_comparison_places_the_papers_effect():
     from mosld.experiments.stats import Comparison
 

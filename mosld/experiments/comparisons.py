@@ -264,8 +264,8 @@ def ordering_claims(groups: dict, orderings: list, in_domain: list[str], boot: B
                 continue
             a, b = common_seeds(groups[(better, setting)], groups[(worse, setting)])
             items = {t: sorted(i for (task, i) in a[0]["predictions"] if task == t) for t in in_domain}
-            c = boot.compare(correctness(a, in_domain, items), correctness(b, in_domain, items))
             paper = paper_difference((better, setting), (worse, setting), in_domain)
+            c = boot.compare(correctness(a, in_domain, items), correctness(b, in_domain, items), reference=paper)
             claims.append(Claim(text, setting, f"{NAMES[better]} − {NAMES[worse]}", c, paper=paper, seeds=len(a)))
     return claims
 

@@ -22,8 +22,8 @@ def shared_items(a: Runs, b: Runs, tasks: list[str]) -> dict[str, list[str]]:
     return {t: sorted(i for (task, i) in have[0] & have[1] if task == t) for t in tasks}
 
 
-def _compare(a: Runs, b: Runs, tasks: list[str], items: dict, boot: Bootstrap) -> Comparison:
-    return boot.compare(correctness(a, tasks, items), correctness(b, tasks, items))
+def _compare(a: Runs, b: Runs, tasks: list[str], items: dict, boot: Bootstrap, paper: float | None) -> Comparison:
+    return boot.compare(correctness(a, tasks, items), correctness(b, tasks, items), reference=paper)
 
 
 def _paper_cell(c: Comparison, paper: float | None) -> str:
@@ -49,8 +49,8 @@ def setting_claims(groups: dict[tuple[str, str], Runs], tasks: list[str], boot: 
     claims = []
     pairs = _pairs(groups)
     for method, (mixture, single) in pairs.items():
-        c = _compare(mixture, single, tasks, shared_items(mixture, single, tasks), boot)
         paper = paper_difference((method, "mixture"), (method, "single"), tasks)
+        c = _compare(mixture, single, tasks, shared_items(mixture, single, tasks), boot, paper)
         claims.append(Claim(f"{NAMES[method]} gains from training on the mixture", "mixture vs single",
                             f"{NAMES[method]}: mixture − single", c, paper=paper, seeds=len(mixture)))  # fmt: skip
     if "mosld" in pairs and "lora" in pairs:
@@ -82,8 +82,8 @@ def settings_section(groups: dict, tasks: list[str], boot: Bootstrap, claims: li
         for task in [*tasks, "average"]:
             pick = tasks if task == "average" else [task]
             c = averages.get(label) if task == "average" else None
-            c = c or _compare(mixture, single, pick, items, boot)
             paper = paper_difference((method, "mixture"), (method, "single"), pick)
+            c = c or _compare(mixture, single, pick, items, boot, paper)
             lines.append(f"| {label} | {task} | {len(mixture)} | {points(c.diff)} | {interval(c.seeds)} | "
                          f"{p_text(c.p)} | {_paper_cell(c, paper)} |")  # fmt: skip
     return lines + _per_task_rows(groups, tasks, boot)
@@ -98,11 +98,11 @@ def _gain_difference(pairs: dict, tasks: list[str], boot: Bootstrap) -> Claim:
         items = shared_items(mixture, single, tasks)
         ca, cb = correctness(mixture, tasks, items), correctness(single, tasks, items)
         arrays[method] = {t: ca[t] - cb[t] for t in tasks}
-    c = boot.compare(arrays["mosld"], arrays["lora"])
     paper = None
     parts = [paper_difference((m, "mixture"), (m, "single"), tasks) for m in ("mosld", "lora")]
     if None not in parts:
         paper = parts[0] - parts[1]
+    c = boot.compare(arrays["mosld"], arrays["lora"], reference=paper)
     return Claim("MoSLD gains more from the mixture than LoRA", "mixture vs single",
                  "(MoSLD mixture − single) − (LoRA mixture − single)", c, paper=paper, seeds=len(seeds))  # fmt: skip
 
@@ -116,8 +116,8 @@ def _per_task_rows(groups: dict, tasks: list[str], boot: Bootstrap) -> list[str]
         a, b = common_seeds(groups[("mosld", setting)], groups[("lora", setting)])
         items = shared_items(a, b, tasks)
         for task in tasks:
-            c = _compare(a, b, [task], items, boot)
             paper = paper_difference(("mosld", setting), ("lora", setting), [task])
+            c = _compare(a, b, [task], items, boot, paper)
             lines.append(f"| MoSLD − LoRA ({setting}) | {task} | {len(a)} | {points(c.diff)} | {interval(c.seeds)} | "
                          f"{p_text(c.p)} | {_paper_cell(c, paper)} |")  # fmt: skip
     return lines

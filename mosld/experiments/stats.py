@@ -276,27 +276,35 @@ def compare(
     seed: int = 0,
     gold: Gold | None = None,
     escalate_to: int = ESCALATED,
+    reference: float | None = None,
 ) -> Comparison:
     """``a - b`` with both intervals (``hierarchical_resamples`` and ``paired_bootstrap``) at 95%, the bootstrap
-    p-value and the Monte Carlo bands of both. Where the verdict comes out borderline, the comparison is drawn
-    again with ``escalate_to`` resamples (the bands narrow as 1 / sqrt(resamples)) and that one is returned.
+    p-value and the Monte Carlo bands of both. Where the verdict comes out borderline, or ``reference`` (the
+    paper's effect, to be placed against the interval) lies at the edge, the comparison is drawn again with
+    ``escalate_to`` resamples (the bands narrow as 1 / sqrt(resamples)) and that one is returned.
     ``gold``: compare balanced accuracy on the tasks it names (``hierarchical_resamples``)."""
     result = _compare(a, b, resamples, seed, gold)
-    if result.verdict() == "is borderline" and escalate_to > resamples:
+    unsettled = result.verdict() == "is borderline" or (
+        reference is not None and result.place(reference) == "at the edge"
+    )
+    if unsettled and escalate_to > resamples:
         result = _compare(a, b, escalate_to, seed, gold)
     return result
 
 
 @dataclass(frozen=True)
 class Bootstrap:
-    """How a page resamples: ``resamples`` per comparison (``ESCALATED`` where a verdict is borderline) and the
+    """How a page resamples: ``resamples`` per comparison (``ESCALATED`` where a verdict is borderline or the
+    paper's effect at the edge) and the
     seed of every comparison's random draws."""
 
     resamples: int = RESAMPLES
     seed: int = 0
 
-    def compare(self, a: Correctness, b: Correctness, gold: Gold | None = None) -> Comparison:
-        return compare(a, b, self.resamples, self.seed, gold, max(ESCALATED, self.resamples))
+    def compare(
+        self, a: Correctness, b: Correctness, gold: Gold | None = None, reference: float | None = None
+    ) -> Comparison:
+        return compare(a, b, self.resamples, self.seed, gold, max(ESCALATED, self.resamples), reference)
 
 
 def _compare(a: Correctness, b: Correctness, resamples: int, seed: int, gold: Gold | None) -> Comparison:
