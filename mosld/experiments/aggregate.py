@@ -330,9 +330,9 @@ def precision_note(records: list[dict]) -> list[str]:
     `auto` made it depend on the machine); a run without it is described by its machine's bf16 support."""
     if not any("precision" in r for r in records):
         return []
+    cpu = {True: " (a CPU with native bf16)", False: " (a CPU without native bf16)"}
     runs: dict[str, list[str]] = defaultdict(list)
     for r in sorted(records, key=lambda r: (r["setting"], r["method"], r["seed"])):
-        cpu = {True: " (a CPU with native bf16)", False: " (a CPU without native bf16)"}
         unknown = "not recorded" + cpu.get(r.get("machine", {}).get("cpu_native_bf16"), "")
         runs[r.get("precision", unknown)].append(r["run"])
     return ["", "Precision of the fits and tests (`trainer.precision`; `auto` chooses it from the machine, so the "

@@ -295,8 +295,7 @@ def compare(
 @dataclass(frozen=True)
 class Bootstrap:
     """How a page resamples: ``resamples`` per comparison (``ESCALATED`` where a verdict is borderline or the
-    paper's effect at the edge) and the
-    seed of every comparison's random draws."""
+    paper's effect at the edge) and the seed of every comparison's random draws."""
 
     resamples: int = RESAMPLES
     seed: int = 0

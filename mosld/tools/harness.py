@@ -29,6 +29,7 @@ From the command line, lm-eval's own (``python -m mosld.tools.harness --help`` i
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -79,9 +80,6 @@ def main() -> None:
     so it cannot see ``mosld`` unless this module is imported first. One default differs: without a GPU and
     without ``--device``, the device is the CPU (lm-eval's default, ``cuda:0``, would fail there).
     """
-    import sys
-
-    import torch
     from lm_eval.__main__ import cli_evaluate
 
     if not torch.cuda.is_available() and not any(a == "--device" or a.startswith("--device=") for a in sys.argv):
